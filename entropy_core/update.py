@@ -87,7 +87,7 @@ def accumulate_gradient(model, params: Mapping[str, torch.nn.Parameter], batch: 
         loss = drgrpo_loss(model, *(batch[k][sl].to(device) for k in ("input_ids", "attention_mask", "response_mask")),
                            coef[sl], temperature=temperature)
         grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-        total += float(loss)
+        total += float(loss.detach())
         for n, gr in zip(names, grads):
             if gr is not None:
                 g[n] += gr.double()

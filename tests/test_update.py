@@ -1,0 +1,119 @@
+"""The update vector against a real torch.optim.AdamW step (DESIGN §1.1)."""
+import pytest
+import torch
+
+from entropy_core.params import get_trainable_named
+from entropy_core.scoring import position_ids_from_mask
+from entropy_core.update import compute_update_vector, drgrpo_coefficients
+from tiny import make_lora_model, random_batch
+
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}   # issue 2: real-step agreement per dtype
+LR = {torch.float64: 1e-3, torch.float32: 1e-1}         # fp32: Δθ/lr must stay far above θ's round-off
+
+
+def u_batch():
+    b = random_batch(64, 6, [3, 5], [4, 6, 2], seed=3)
+    b["group"] = torch.tensor([0, 0, 0, 1, 1, 1])
+    b["advantages"] = torch.tensor([1.0, -0.5, -0.5, 0.3, -0.6, 0.3], dtype=torch.float64)
+    return b
+
+
+def reference_loss(model, b):
+    """Dr.GRPO written out independently: per group, −Σ_g A_g Σ_k log π / (G · L_max), mean over groups."""
+    logits = model(b["input_ids"], attention_mask=b["attention_mask"],
+                   position_ids=position_ids_from_mask(b["attention_mask"])).logits
+    logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]
+    S = (logp * b["response_mask"][:, 1:]).sum(-1)
+    T = b["response_mask"].sum(-1)
+    groups = b["group"].unique()
+    total = 0
+    for gid in groups:
+        idx = (b["group"] == gid).nonzero().flatten()
+        total = total - (b["advantages"][idx] * S[idx]).sum() / (len(idx) * T[idx].max())
+    return total / len(groups)
+
+
+def stepped(dtype, amsgrad, wd=0.1):
+    m = make_lora_model(64, dtype=dtype)
+    b = u_batch()
+    params = list(get_trainable_named(m).values())
+    opt = torch.optim.AdamW(params, lr=LR[dtype], weight_decay=wd, amsgrad=amsgrad, betas=(0.9, 0.98), eps=1e-8)
+    for k in range(3):                       # a few real steps so m, s, t₀ and amsgrad's max are all non-trivial
+        opt.zero_grad()
+        (reference_loss(m, b) * (1 + k) + sum(p.pow(2).sum() for p in params) * 0.1 * k).backward()
+        opt.step()
+    opt.zero_grad()
+    return m, opt, b, params
+
+
+def rel_err(a, b):
+    num = sum(float((a[n].double() - b[n].double()).pow(2).sum()) for n in b)
+    return (num / sum(float(b[n].double().pow(2).sum()) for n in b)) ** 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_update_vector_equals_real_adamw_step(dtype, amsgrad, clip):
+    m, opt, b, params = stepped(dtype, amsgrad)
+    res = compute_update_vector(m, opt, b, microbatch_size=4, clip_norm=clip)
+    with torch.no_grad():
+        assert res.stats["loss"] == pytest.approx(float(reference_loss(m, b)), rel=1e-5)
+    if clip:
+        assert res.stats["clip_scale"] < 1                  # the clip is really exercised
+    before = {n: p.detach().clone() for n, p in get_trainable_named(m).items()}
+    reference_loss(m, b).backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    real = {n: (p.detach().double() - before[n].double()) / LR[dtype] for n, p in get_trainable_named(m).items()}
+    assert rel_err(res.vector, real) <= REL_TOL[dtype]
+    assert res.stats["num_tensors"] == len(real)
+
+
+def test_update_vector_uses_saved_weight_decay_not_defaults():
+    m, opt, b, _ = stepped(torch.float64, False, wd=0.3)
+    v_saved = compute_update_vector(m, opt, b).vector
+    opt.param_groups[0]["weight_decay"] = 0.0
+    v_zero = compute_update_vector(m, opt, b).vector
+    for n, p in get_trainable_named(m).items():
+        torch.testing.assert_close(v_zero[n] - v_saved[n], 0.3 * p.detach().double(), rtol=1e-12, atol=1e-14)
+
+
+def test_components_sum_to_the_vector():
+    m, opt, b, _ = stepped(torch.float64, True)
+    res = compute_update_vector(m, opt, b, components=True, clip_norm=1e-3)
+    total = {n: res.base[n] + res.per_sequence[n].sum(0) for n in res.vector}
+    assert rel_err(total, res.vector) <= 1e-12
+    assert all(res.per_sequence[n].shape[0] == 6 for n in res.vector)
+
+
+def test_microbatch_invariance():
+    m, opt, b, _ = stepped(torch.float64, False)
+    ref = compute_update_vector(m, opt, b, microbatch_size=6).vector
+    for mb in (1, 2):
+        assert rel_err(compute_update_vector(m, opt, b, microbatch_size=mb).vector, ref) <= 1e-12
+
+
+def test_model_left_as_found():
+    m, opt, b, _ = stepped(torch.float64, False)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    state = {k: v.clone() for k, v in opt.state[next(iter(opt.state))].items()}
+    compute_update_vector(m, opt, b, dropout=False)
+    assert not m.training
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in m.named_parameters())
+    assert all(torch.equal(v, state[k]) for k, v in opt.state[next(iter(opt.state))].items())
+
+
+def test_drgrpo_coefficients_scale():
+    c = drgrpo_coefficients(torch.tensor([1.0, -1.0, 2.0]), torch.tensor([5, 5, 9]), torch.tensor([3, 4, 2]))
+    # B_U = 2 groups; group 5: G=2, L_max=4; group 9: G=1, L_max=2
+    torch.testing.assert_close(c, torch.tensor([-1 / (2 * 2 * 4), 1 / (2 * 2 * 4), -2 / (2 * 1 * 2)],
+                                               dtype=torch.float64))
+
+
+def test_missing_state_names_the_parameters():
+    m = make_lora_model(64)
+    opt = torch.optim.AdamW(list(get_trainable_named(m).values()))
+    with pytest.raises(ValueError, match="8 parameters have no AdamW state"):
+        compute_update_vector(m, opt, u_batch())
