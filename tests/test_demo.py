@@ -112,3 +112,11 @@ def test_demo_checkpoint_on_smollm2(tmp_path):
     opt = load_adam_optimizer_from_path(model, out / "optimizer.pt")
     assert len(opt.state) == info["trainable_tensors"]
     assert all(float(st["step"]) == 1 for st in opt.state.values())
+    # the loaded demo adapter samples a small E batch and teacher forcing reproduces its log-probs
+    from entropy_core.data import load_dataset_split
+    from entropy_core.sequences import SequenceProcessor
+    proc = SequenceProcessor(model, tok, max_new_tokens=12, temperature=1.0)
+    e = proc.sample_E(load_dataset_split("gsm8k_r1_template", "test", limit=20), 3, seed=0)
+    scores = proc.teacher_force(e).per_sequence()
+    assert torch.isfinite(scores.H).all() and (scores.T >= 1).all()
+    torch.testing.assert_close(scores.S, e.logq, rtol=0, atol=1e-3)   # float32, summed over ≤ 12 tokens
