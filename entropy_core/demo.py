@@ -25,9 +25,7 @@ import argparse
 import importlib.metadata
 import json
 import os
-import math
 import platform
-import re
 import shutil
 import tempfile
 import time
@@ -36,34 +34,15 @@ from pathlib import Path
 
 import torch
 
-from .data import get_reward_fn, gsm8k_tag, load_dataset_split
+from .data import get_reward_fn, load_dataset_split
 from .params import get_trainable_named
 from .sequences import DegenerateGroupsError, SequenceProcessor
 from .update import accumulate_gradient, drgrpo_coefficients
 
-__all__ = ["make_demo_checkpoint", "gsm8k_tag_shaped", "DEMO_NOTE"]
+__all__ = ["make_demo_checkpoint", "DEMO_NOTE"]
 
 DEMO_NOTE = "SmolLM2-135M-Instruct is a stand-in demo model (~0% GSM8K accuracy)"
 _DONE = "demo.json"       # written last: its presence marks a complete checkpoint
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def gsm8k_tag_shaped(response_text: str, gold: str, *, format_weight: float = 0.1) -> float:
-    """gsm8k_tag (1 correct, `format_weight` well-formed, else 0) when it is > 0; otherwise a shaping
-    credit in [0, format_weight/2] for how close the response's last number x is to the gold g:
-    (format_weight/2) · exp(−|x − g| / max(1, |g|)); 0 when there is no number or g is not one.
-    A demo reward only: it gives a model that never uses the answer tags a non-zero advantage."""
-    r = gsm8k_tag(response_text, gold, format_weight=format_weight)
-    if r > 0:
-        return r
-    numbers = _NUMBER.findall(response_text)
-    try:
-        x, g = float(numbers[-1].replace(",", "")), float(gold.replace(",", ""))
-    except (IndexError, ValueError):
-        return 0.0
-    if not (math.isfinite(x) and math.isfinite(g)):
-        return 0.0
-    return 0.5 * format_weight * math.exp(-abs(x - g) / max(1.0, abs(g)))
 
 
 def make_demo_checkpoint(out_dir: str | os.PathLike, *, steps: int = 2, seed: int = 0, base: str = "smollm2_135m",
@@ -71,7 +50,7 @@ def make_demo_checkpoint(out_dir: str | os.PathLike, *, steps: int = 2, seed: in
                          lr: float = 1e-5, weight_decay: float = 0.01, B_U: int = 2, G: int = 4,
                          max_new_tokens: int = 48, dataset: str = "gsm8k_r1_template", split: str = "train",
                          format_weight: float = 0.1,
-                         reward: str | Callable[[str, str], float] = "entropy_core.demo:gsm8k_tag_shaped",
+                         reward: str | Callable[[str, str], float] = "gsm8k_tag_shaped",
                          microbatch_size: int = 8, model_and_tokenizer: tuple | None = None,
                          log: Callable[[str], None] = print) -> Path:
     """Train a fresh LoRA for `steps` Dr.GRPO steps with AdamW and save adapter + optimizer state.

@@ -6,7 +6,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from entropy_core.demo import gsm8k_tag_shaped, make_demo_checkpoint
+from entropy_core.data.rewards import gsm8k_tag_shaped
+from entropy_core.demo import make_demo_checkpoint
 from entropy_core.sequences import DegenerateGroupsError
 from tiny import add_lora, make_base_model, make_tokenizer
 

@@ -60,7 +60,28 @@ def _math_equal(answer: str, gold: str) -> bool:
     return verify(gold_parsed, parse(answer, parsing_timeout=timeout), timeout_seconds=timeout)
 
 
-_REWARDS: dict[str, Callable[..., float]] = {"gsm8k_tag": gsm8k_tag}
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def gsm8k_tag_shaped(response_text: str, gold: str, *, format_weight: float = 0.1) -> float:
+    """gsm8k_tag (1 correct, `format_weight` well-formed, else 0) when it is > 0; otherwise a shaping
+    credit in [0, format_weight/2] for how close the response's last number x is to the gold g:
+    (format_weight/2) · exp(−|x − g| / max(1, |g|)); 0 when there is no number or g is not one.
+    A demo reward only: it gives a model that never uses the answer tags a non-zero advantage."""
+    r = gsm8k_tag(response_text, gold, format_weight=format_weight)
+    if r > 0:
+        return r
+    numbers = _NUMBER.findall(response_text)
+    try:
+        x, g = float(numbers[-1].replace(",", "")), float(gold.replace(",", ""))
+    except (IndexError, ValueError):
+        return 0.0
+    if not (math.isfinite(x) and math.isfinite(g)):
+        return 0.0
+    return 0.5 * format_weight * math.exp(-abs(x - g) / max(1.0, abs(g)))
+
+
+_REWARDS: dict[str, Callable[..., float]] = {"gsm8k_tag": gsm8k_tag, "gsm8k_tag_shaped": gsm8k_tag_shaped}
 
 
 @dataclass(frozen=True)
