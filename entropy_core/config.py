@@ -121,7 +121,7 @@ class DataConfig(_Section):
     prompt_template: str | None = Field(None, description="Prompt template containing '{question}'; null = the "
                                                           "dataset's own template.")
     reward: str = Field("gsm8k_tag_shaped", min_length=1,
-                        description="Reward: a registry name, or 'module:function' taking (response, example).")
+                        description="Reward: a registry name, or 'module:function' taking (response_text, gold) -> float.")
     format_weight: float = Field(0.1, ge=0, le=1, description="Share of the reward given for the answer format "
                                  "alone; keeps U groups from being all-equal (zero advantage) with weak models.")
     limit: int | None = Field(None, gt=0, description="Use only the first `limit` examples of each split; null = all.")

@@ -79,18 +79,15 @@ def finite_difference(base: SequenceStats, plus: SequenceStats, minus: SequenceS
     return estimate(parts, slope, groups), estimate(parts, curv, groups)
 
 
-def slope_variance_reduced(scores: TokenScores, *, logq: torch.Tensor | None = None,
-                           groups: torch.Tensor | None = None) -> Estimate:
-    """The exact slope's expectation with less variance (DESIGN §1.4).
+def _vr_coefficients(scores: TokenScores, u: torch.Tensor) -> torch.Tensor:
+    """Per-token coefficients (R_{i,k} − c_k) of D_vS_{i,k} in the variance-reduced slope, (N, L) float64.
 
-    The score term (H_i − H̄ T_i) D_vS_i is replaced by Σ_k (R_{i,k} − c_k) D_vS_{i,k}, where
     R_{i,k} = Σ_{j>k} (H_{i,j} − H̄) is the centred entropy-to-go after token k (the j ≤ k terms are
-    prefix-only, so they are part of the baseline) and c_k is the mean of R at response position k
-    over the OTHER sequences (leave-one-out, so it does not depend on sequence i).
-    Args: scores with S, H, dS per token (N, L).
+    prefix-only, so they belong to the baseline) and c_k is the mean of R at response position k over
+    the OTHER sequences (leave-one-out, so it does not depend on sequence i).
+    Args: scores: S, H per token (N, L); u: (N,) normalised proposal weights.
     """
     st = scores.per_sequence()
-    u = _normalised(log_proposal_ratio(st.S, logq))                       # (N,)
     m = scores.mask.double()                                               # (N, L)
     Hbar = (u * st.H).sum() / (u * st.T).sum()
     Hc = (scores.H - Hbar) * m                                             # (N, L) centred entropies
@@ -102,7 +99,18 @@ def slope_variance_reduced(scores: TokenScores, *, logq: torch.Tensor | None = N
     cnt = torch.zeros(K, dtype=torch.float64).index_add_(0, k[scores.mask], m[scores.mask])
     others = (cnt[k] - 1).clamp(min=1)
     c = torch.where(cnt[k] > 1, (sumR[k] - R) / others, torch.zeros_like(R)) * m   # leave-one-out mean
-    score_term = ((R - c) * scores.dS * m).sum(-1)                         # (N,)
+    return (R - c) * m
+
+
+def slope_variance_reduced(scores: TokenScores, *, logq: torch.Tensor | None = None,
+                           groups: torch.Tensor | None = None) -> Estimate:
+    """The exact slope's expectation with less variance (DESIGN §1.4): the score term
+    (H_i − H̄ T_i) D_vS_i is replaced by Σ_k (R_{i,k} − c_k) D_vS_{i,k} (see `_vr_coefficients`).
+    Args: scores with S, H, dS per token (N, L).
+    """
+    st = scores.per_sequence()
+    u = _normalised(log_proposal_ratio(st.S, logq))                       # (N,)
+    score_term = (_vr_coefficients(scores, u) * scores.dS).sum(-1)        # (N,)
     parts = torch.stack([u * (st.dH + score_term), u * st.T], -1)
     return estimate(parts, lambda s: s[..., 0] / s[..., 1], groups)
 
