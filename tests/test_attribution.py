@@ -81,3 +81,10 @@ def test_error_bars_match_a_brute_force_group_jackknife(setup):
     ratio = res.c_se / se
     assert ((ratio > 0.8) & (ratio < 1.25)).all(), ratio    # first-order agreement (seen: within 6%)
     assert torch.isfinite(res.c_vr_se).all() and (res.c_vr_se > 0).all()
+
+
+def test_point_estimates_without_error_bars_are_the_same(setup):
+    m, upd, u, e, theta, res = setup
+    cheap = attribute(m, e, u, upd, theta, v_base=upd.base, groups=0, variance_reduced=False)
+    torch.testing.assert_close(cheap.c, res.c, rtol=1e-10, atol=0)
+    assert torch.isnan(cheap.c_se).all() and cheap.passes == {"e_backward": 1, "u_tangents": 1}

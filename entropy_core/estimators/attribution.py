@@ -43,18 +43,19 @@ class AttributionResult:
 
 
 def _split_groups(n: int, k: int) -> list[torch.Tensor]:
-    k = max(2, min(k, n))
+    """k contiguous groups of n sequences; k = 0 means one group (no error bars)."""
+    k = 1 if k == 0 else max(2, min(k, n))
     return [idx for idx in torch.arange(n).tensor_split(k) if len(idx)]
 
 
 def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores, *, groups: int = 8,
                         variance_reduced: bool = True, temperature: float = 1.0, microbatch_size: int = 8,
                         logq: torch.Tensor | None = None):
-    """Per-group gradients of the exact (and vr) surrogates, and of Y = Σ ω T S / D.
+    """Per-group gradients of the exact (and vr) surrogates, and (with groups) of Y = Σ ω T S / D.
 
     Args: theta_scores: the θ pass over the same batch (S, H per token) — fixes ω, H̄, D and the vr
-          coefficients. groups: K contiguous groups of E for the error bars.
-    Returns: (u_k list, z_k list or None, y, index groups, per-group scalars C_k, D_k as (K,) float64).
+          coefficients. groups: K contiguous groups of E for the error bars; 0 = none (one group, no Y).
+    Returns: (u_k list, z_k list or None, y or None, index groups, C_k / D, D_k / D as (K,) float64, H̄).
     """
     ids, am, rm = batch_tensors(batch)
     check_batch(ids, am, rm)
@@ -72,7 +73,7 @@ def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores
     def zeros():
         return {n: torch.zeros(p.shape, dtype=torch.float64, device=device) for n, p in named.items()}
 
-    u_k, z_k, y = [], [] if variance_reduced else None, zeros()
+    u_k, z_k, y = [], [] if variance_reduced else None, zeros() if groups else None
     for idx in idx_groups:
         u, z = zeros(), zeros() if variance_reduced else None
         for a in range(0, len(idx), microbatch_size):
@@ -86,13 +87,13 @@ def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores
             S, H = S * m, H * m
             ww, cw = w[sl].to(device), coef_exact[sl].to(device)
             entropy_part = (ww[:, None] * H).sum() / D                                # Σ ω H_j / D
-            losses = [entropy_part + (cw[:, None] * S).sum(),                         # exact surrogate
-                      (ww * st.T[sl].to(device) * S.sum(-1)).sum() / D]               # Y
+            losses = [(entropy_part + (cw[:, None] * S).sum(), u)]                     # exact surrogate
             if variance_reduced:
-                losses.append(entropy_part + (vr_tok[sl, first:].to(device) * S).sum())
-            for j, loss in enumerate(losses):
+                losses.append((entropy_part + (vr_tok[sl, first:].to(device) * S).sum(), z))
+            if groups:
+                losses.append(((ww * st.T[sl].to(device) * S.sum(-1)).sum() / D, y))     # Y
+            for j, (loss, target) in enumerate(losses):
                 grads = torch.autograd.grad(loss, tensors, retain_graph=j < len(losses) - 1, allow_unused=True)
-                target = (u, y, z)[j]
                 for n, g in zip(named, grads):
                     if g is not None:
                         target[n] += g.double()
@@ -139,7 +140,9 @@ def attribute(model: torch.nn.Module, e_batch, u_batch, update: UpdateResult, th
         e_batch: E (input_ids, attention_mask, response_mask); theta_scores: its θ pass.
         u_batch: U with advantages and group, as given to compute_update_vector; update: its result.
         v_base: the momentum / weight-decay part of v (UpdateResult.base, or v − Σ v_i).
-    Returns: AttributionResult with c (N_U,), c_se (N_U,), base, slope (and the vr columns).
+        groups: K groups of E for the error bars (K + 1 extra tangents over U, 2K + 1 with vr);
+            0 skips them: then the cost is one reverse pass over E and one tangent over U per column.
+    Returns: AttributionResult with c (N_U,), c_se (N_U,) (NaN when groups = 0), base, slope (and vr columns).
     """
     was_training = model.training
     model.eval()                                        # dropout off, as in the update-vector pass
@@ -152,18 +155,21 @@ def attribute(model: torch.nn.Module, e_batch, u_batch, update: UpdateResult, th
     _, _, rm = batch_tensors(u_batch)
     a = drgrpo_coefficients(u_batch["advantages"], u_batch["group"], rm.sum(-1))    # (N_U,)
     c_k = _shares(model, u_batch, update, uk, a, temperature, microbatch_size)       # (K, N_U)
-    m = _shares(model, u_batch, update, [y], a, temperature, microbatch_size)[0]     # (N_U,) ⟨Y, v_i⟩ / D
     c = c_k.sum(0)
-    # ratio correction: −(M_i/D)·(C_k − H̄ D_k)/D, with C_k, D_k already divided by D
-    c_se = _delta_se(c_k, c, Dk, m[None] * (Ck - Hbar * Dk)[:, None])
+    c_se = torch.full_like(c, float("nan"))
+    if groups:
+        m = _shares(model, u_batch, update, [y], a, temperature, microbatch_size)[0]  # (N_U,) ⟨Y, v_i⟩ / D
+        # ratio correction: −(M_i/D)·(C_k − H̄ D_k)/D, with C_k, D_k already divided by D
+        c_se = _delta_se(c_k, c, Dk, m[None] * (Ck - Hbar * Dk)[:, None])
     u = {n: sum(g[n] for g in uk) for n in uk[0]}
     base = float(dot_named(u, v_base))
     out = AttributionResult(c=c, c_se=c_se, base=base, slope=float(c.sum()) + base,
-                            passes=dict(e_backward=2 + int(variance_reduced), u_tangents=len(uk) + 1))
+                            passes=dict(e_backward=1 + int(variance_reduced) + int(groups > 0),
+                                        u_tangents=len(uk) + int(groups > 0)))
     if variance_reduced:
         cv_k = _shares(model, u_batch, update, zk, a, temperature, microbatch_size)
         out.c_vr = cv_k.sum(0)
-        out.c_vr_se = _delta_se(cv_k, out.c_vr, Dk, None)
+        out.c_vr_se = _delta_se(cv_k, out.c_vr, Dk, None) if groups else torch.full_like(out.c_vr, float("nan"))
         z = {n: sum(g[n] for g in zk) for n in zk[0]}
         out.base_vr = float(dot_named(z, v_base))
         out.slope_vr = float(out.c_vr.sum()) + out.base_vr
