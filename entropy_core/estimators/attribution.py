@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..params import dot_named, get_trainable_named
-from ..scoring import TokenScores, check_batch, jvp_scores, position_ids_from_mask, token_logprobs_entropy
+from torch.func import functional_call, jvp
+
+from ..params import build_functional_params_named, dot_named, get_trainable_named
+from ..scoring import TokenScores, check_batch, forward_ad_attention, position_ids_from_mask, token_logprobs_entropy
 from ..update import UpdateResult, drgrpo_coefficients
 from .linear import _vr_coefficients
 from .true_delta import _normalised, batch_tensors, log_proposal_ratio
@@ -106,10 +108,29 @@ def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores
 
 
 def _directional_S(model, u_batch, direction: Mapping[str, torch.Tensor], temperature, microbatch_size):
-    """D_d S_i for every U sequence i, (N_U,) float64: one forward-mode pass over U."""
+    """D_d S_i for every U sequence i, (N_U,) float64: one forward-mode pass over U. Only the log-prob
+    of the sampled token is differentiated (not the full-vocabulary entropy), which keeps it one JVP."""
     ids, am, rm = batch_tensors(u_batch)
-    js = jvp_scores(model, ids, am, rm, direction, order=1, temperature=temperature, microbatch_size=microbatch_size)
-    return js.dS.sum(-1)
+    p0 = next(model.parameters())
+    eta0 = torch.zeros((), dtype=p0.dtype, device=p0.device)
+    out = []
+    with forward_ad_attention(model):
+        for a in range(0, ids.shape[0], microbatch_size):
+            b_ids, b_am, b_rm = (t[a:a + microbatch_size].to(p0.device) for t in (ids, am, rm))
+            first = int(b_rm.bool().float().argmax(-1).min())
+            kw = dict(attention_mask=b_am, position_ids=position_ids_from_mask(b_am),
+                      logits_to_keep=b_ids.shape[1] - first + 1, use_cache=False)
+
+            def S_of(eta):
+                params = build_functional_params_named(model, direction, eta)
+                logits = functional_call(model, params, (b_ids,), kw, strict=False).logits[:, :-1]
+                logp = torch.log_softmax(logits.double() / temperature, -1)
+                S = logp.gather(-1, b_ids[:, first:, None])[..., 0]                # (n, L-first)
+                return (S * b_rm[:, first:]).sum(-1)                                 # (n,)
+
+            _, dS = jvp(S_of, (eta0,), (torch.ones_like(eta0),))
+            out.append(dS.cpu())
+    return torch.cat(out)
 
 
 def _shares(model, u_batch, update: UpdateResult, grads, a, temperature, microbatch_size):
