@@ -10,17 +10,25 @@ or NaN-zeroed; a non-finite value is an error naming the sequence).
 
 Forward-mode derivatives along v (`jvp_scores`) run with the math SDPA kernel, the only attention
 kernel with forward-mode AD on every device (DESIGN §2.8).
+
+Where the work goes (`fastpaths`): rows are bucketed by length and each microbatch is packed to its
+own real span, so padding is not computed. The vocabulary projection and the float64 log-softmax run
+on scored positions only, a chunk of positions at a time (`scored_token_logprobs`), so no (n, L, V)
+tensor exists, float64 or not. Results equal the plain padded, one-sequence-at-a-time computation up
+to summation order (tests/test_fastpaths.py: ≤ 2e-14 relative in float64, ≤ 6e-7 in float32).
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 
 import torch
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
+from .fastpaths import HEAD_CHUNK_ELEMENTS, Microbatch, resolve_microbatching
 from .params import build_functional_params_named
 
 
@@ -85,6 +93,10 @@ def check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_
     outside = (rm & (attention_mask == 0)).any(-1).nonzero().flatten().tolist()
     if outside:
         raise ScoringError(f"response_mask marks padding as scored in sequences {outside[:10]}")
+    orphan = (rm[:, 1:] & (attention_mask[:, :-1] == 0)).any(-1).nonzero().flatten().tolist()
+    if orphan:
+        raise ScoringError(f"sequences {orphan[:10]} score a token right after padding: its logits would come "
+                           "from a pad position; every response needs a prompt of ≥ 1 real token")
     empty = (rm.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ScoringError(f"{len(empty)} sequences score zero tokens (first: index {empty[0]}); an empty "
@@ -98,62 +110,167 @@ def token_logprobs_entropy(logits: torch.Tensor, targets: torch.Tensor, temperat
     Args: logits (..., V) any float dtype; targets (...) int64.
     Returns: S, H (...) float64.
     """
-    logp = torch.log_softmax(logits.double() / temperature, dim=-1)          # (..., V)
+    z = logits.double()
+    logp = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)   # (..., V); z/1 == z exactly
     S = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                    # (...)
     H = -(logp.exp() * logp).sum(-1)                                          # (...)
     return S, H
 
 
-def _scores_one_chunk(model, params, input_ids, attention_mask, response_mask, temperature):
-    """(S, H) (n, L) float64 for one microbatch; logits are computed only from the first scored
-    position on (`logits_to_keep`), so the prompt costs no vocabulary projection."""
-    n, L = input_ids.shape
-    first = int(response_mask.bool().float().argmax(-1).min())              # earliest scored position
-    keep = L - first + 1                                                     # logits at first-1 … L-1
+# Causal LMs whose forward is exactly `lm_head(decoder(...).last_hidden_state)` (transformers 5.x): for
+# these the vocabulary projection can be applied to the scored positions only, a chunk at a time.
+# Others (logit soft-capping, logit scales, ...) go through the model's own forward, and so does a
+# model whose head carries hooks: a hook expects the model's own (n, L, V) logits layout.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
+
+
+def _split_route(model: torch.nn.Module, params: Mapping[str, torch.Tensor] | None):
+    """(decoder, head, decoder overrides, head overrides) when the model's logits are lm_head(decoder
+    output) and every override belongs to one of the two; otherwise None (use the model's forward)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES or not hasattr(base, "get_decoder"):
+        return None
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    if decoder is None or head is None or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    prefix = {id(m): n for n, m in model.named_modules() if m is decoder or m is head}
+    if len(prefix) != 2:
+        return None
+    dp, hp = prefix[id(decoder)] + ".", prefix[id(head)] + "."
+    params = params or {}
+    d_over = {k[len(dp):]: x for k, x in params.items() if k.startswith(dp)}
+    h_over = {k[len(hp):]: x for k, x in params.items() if k.startswith(hp)}
+    if len(d_over) + len(h_over) != len(params):
+        return None
+    return decoder, head, d_over, h_over
+
+
+def _logprob_chunk(z: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """S only: log softmax(z/τ)[y] in float64, (m,)."""
+    z = z.double()
+    logp = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)     # (m, V)
+    return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def _head_chunk(head, h_over, x, y, temperature, entropy):
+    """Logits of a chunk of positions (x: (m, d) hidden states, or (m, V) logits when head is None),
+    then S (and H) in float64."""
+    z = x if head is None else (functional_call(head, h_over, (x,), strict=False) if h_over else head(x))
+    return token_logprobs_entropy(z, y, temperature) if entropy else (_logprob_chunk(z, y, temperature),)
+
+
+def chunked_logprobs_entropy(z: torch.Tensor, y: torch.Tensor, temperature: float = 1.0, *, entropy: bool = True,
+                             chunk_elements: int = HEAD_CHUNK_ELEMENTS, head: torch.nn.Module | None = None,
+                             head_params: Mapping[str, torch.Tensor] | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs_entropy` a chunk of `chunk_elements // V` positions at a time, so neither the
+    logits nor their float64 log-softmax exist for all M positions at once (positions are independent,
+    so chunking changes nothing). Under autograd each chunk is checkpointed: the backward keeps only
+    the chunk's input and recomputes its logits and float64 log-softmax (same ops, same gradient).
+
+    Args: z: (M, V) logits, or (M, d) hidden states when `head` (the vocabulary projection, with
+          optional `head_params` overrides) is given; y (M,) int64. entropy: also H (else None).
+    Returns: S, H (M,) float64.
+    """
+    V = z.shape[-1] if head is None else head.weight.shape[0]
+    c = max(1, chunk_elements // V)
+    S, H = [], []
+    for xc, yc in zip(z.split(c), y.split(c)):
+        args = (head, head_params, xc, yc, temperature, entropy)
+        out = checkpoint(_head_chunk, *args, use_reentrant=False) if xc.requires_grad else _head_chunk(*args)
+        S.append(out[0])
+        if entropy:
+            H.append(out[1])
+    return torch.cat(S), (torch.cat(H) if entropy else None)
+
+
+def scored_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          response_mask: torch.Tensor, *, params: Mapping[str, torch.Tensor] | None = None,
+                          temperature: float = 1.0, entropy: bool = True
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """S_{i,k} (and H_{i,k}) of the scored tokens of ONE microbatch, flat, in row-major order.
+
+    For plain-head models (Qwen2/3, Llama, Mistral) the decoder runs once and the vocabulary
+    projection is applied to the scored positions only, a chunk at a time; otherwise the model's own
+    forward computes logits from the first scored position on (`logits_to_keep`). Either way the
+    float64 log-softmax runs on scored positions only, in chunks. Works on any layout (packed or
+    left-padded); differentiable (autograd or forward AD) in `params`.
+
+    Args: input_ids, attention_mask, response_mask (n, L) on the model's device; params: overrides for
+          `functional_call` (θ + ηv), None for the module's own parameters.
+    Returns: S, H (M,) float64, M = response_mask.sum(); the order of response_mask.nonzero().
+    """
+    rm = response_mask.bool()
     kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                  logits_to_keep=keep, use_cache=False)
+                  use_cache=False)
+    route = _split_route(model, params)
+    if route is not None:
+        decoder, head, d_over, h_over = route
+        h = (functional_call(decoder, d_over, (input_ids,), kwargs, strict=False) if d_over
+             else decoder(input_ids, **kwargs)).last_hidden_state               # (n, L, d)
+        m = rm[:, 1:]                                                           # position t-1 predicts token t
+        return chunked_logprobs_entropy(h[:, :-1][m], input_ids[:, 1:][m], temperature, entropy=entropy,
+                                        head=head, head_params=h_over)         # (M,) each
+    L = input_ids.shape[1]
+    first = int(rm.float().argmax(-1).min())                                 # earliest scored position
+    kwargs["logits_to_keep"] = L - first + 1                                 # logits at first-1 … L-1
     if params is None:
         logits = model(input_ids, **kwargs).logits
     else:
         logits = functional_call(model, params, (input_ids,), kwargs, strict=False).logits
-    logits = logits[:, :-1]                                                  # (n, L-first, V) predicts first … L-1
-    S, H = token_logprobs_entropy(logits, input_ids[:, first:], temperature)  # (n, L-first)
-    m = response_mask[:, first:].bool()
-    S, H = S * m, H * m                                                      # zero outside the response
-    pad = S.new_zeros(n, first)
-    return torch.cat([pad, S], -1), torch.cat([pad, H], -1)                  # (n, L)
+    m = rm[:, first:]                                                        # (n, L-first)
+    z = logits[:, :-1][m]                                                    # (M, V) predicts each scored token
+    del logits
+    return chunked_logprobs_entropy(z, input_ids[:, first:][m], temperature, entropy=entropy)
 
 
-def _raise_if_nonfinite(name: str, x: torch.Tensor, offset: int) -> None:
-    bad = (~torch.isfinite(x)).any(-1).nonzero().flatten()
+def _raise_if_nonfinite(name: str, x: torch.Tensor, rows: torch.Tensor) -> None:
+    """x (M,) per-token values; rows (M,) the original sequence index of each token."""
+    bad = rows[~torch.isfinite(x).cpu()].unique()
     if len(bad):
-        raise ScoringError(f"non-finite {name} in {len(bad)} sequences (first: index {offset + int(bad[0])}); "
+        raise ScoringError(f"non-finite {name} in {len(bad)} sequences (first: index {int(bad[0])}); "
                            "logits or parameters contain NaN/inf (DESIGN §2.9)")
+
+
+def _packed(mb: Microbatch, tensors, device) -> list[torch.Tensor]:
+    return [t.to(device) for t in mb.pack(*tensors)]
 
 
 def score_tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  response_mask: torch.Tensor, *, v: Mapping[str, torch.Tensor] | None = None, eta: float = 0.0,
-                 temperature: float = 1.0, microbatch_size: int = 8) -> TokenScores:
+                 temperature: float = 1.0, microbatch_size: int | str = 8, token_budget: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> TokenScores:
     """Teacher-forced S_{i,k}, H_{i,k} at θ (v None) or at θ + ηv, without gradients.
 
+    Rows are length-bucketed and packed (`fastpaths`); results do not depend on the microbatching
+    beyond round-off.
     Args: input_ids, attention_mask, response_mask (N, L); v: name -> tensor over trainable params.
+          microbatch_size: rows per forward, or "auto" (token budget from free memory).
+          token_budget: optional cap on rows × packed width per forward.
+          progress: called with (sequences done, N) after each microbatch.
     Returns: TokenScores with S, H (N, L) float64 on CPU.
     Raises: ScoringError for an empty row or a non-finite value, naming the sequence index.
     """
+    input_ids, attention_mask, response_mask = (t.cpu() for t in (input_ids, attention_mask, response_mask))
     check_batch(input_ids, attention_mask, response_mask)
     device = next(model.parameters()).device
-    S_all, H_all = [], []
+    plan = resolve_microbatching(model, attention_mask, microbatch_size, token_budget, mode="score")
+    S_all = torch.zeros(input_ids.shape, dtype=torch.float64)                # (N, L)
+    H_all = torch.zeros_like(S_all)
+    done = 0
     with torch.no_grad():
         params = None if v is None else build_functional_params_named(model, v, eta)
-        for a in range(0, input_ids.shape[0], microbatch_size):
-            sl = slice(a, a + microbatch_size)
-            S, H = _scores_one_chunk(model, params, input_ids[sl].to(device), attention_mask[sl].to(device),
-                                     response_mask[sl].to(device), temperature)
-            _raise_if_nonfinite("log-prob", S, a)
-            _raise_if_nonfinite("entropy", H, a)
-            S_all.append(S.cpu())
-            H_all.append(H.cpu())
-    return TokenScores(S=torch.cat(S_all), H=torch.cat(H_all), mask=response_mask.bool().cpu())
+        for mb in plan:
+            S, H = scored_token_logprobs(model, *_packed(mb, (input_ids, attention_mask, response_mask), device),
+                                         params=params, temperature=temperature)   # (M,) each
+            r, c = mb.scored_coordinates(response_mask)                     # (M,) original coordinates
+            _raise_if_nonfinite("log-prob", S, r)
+            _raise_if_nonfinite("entropy", H, r)
+            S_all[r, c], H_all[r, c] = S.cpu(), H.cpu()
+            done += len(mb.rows)
+            if progress:
+                progress(done, len(input_ids))
+    return TokenScores(S=S_all, H=H_all, mask=response_mask.bool())
 
 
 @contextlib.contextmanager
@@ -180,47 +297,57 @@ def forward_ad_attention(model: torch.nn.Module):
 
 def jvp_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                response_mask: torch.Tensor, v: Mapping[str, torch.Tensor], *, order: int = 1,
-               temperature: float = 1.0, microbatch_size: int = 8) -> TokenScores:
+               temperature: float = 1.0, microbatch_size: int | str = 8, token_budget: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> TokenScores:
     """S, H and their directional derivatives d/dη (order 1) and d²/dη² (order 2) at η = 0 along v,
     by forward-mode AD through `functional_call` (one JVP, or a JVP of a JVP).
 
+    Microbatching as in `score_tokens` ("auto" plans for 2 or 4 copies of every activation).
     Returns: TokenScores with S, H, dS, dH (and d2S, d2H for order 2), (N, L) float64 on CPU.
     Raises: ScoringError naming the sequence on a non-finite value, or when the model cannot be
             differentiated forward (e.g. bitsandbytes 4-bit layers, flash-attn).
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
+    input_ids, attention_mask, response_mask = (t.cpu() for t in (input_ids, attention_mask, response_mask))
     check_batch(input_ids, attention_mask, response_mask)
     p0 = next(model.parameters())
     eta0 = torch.zeros((), dtype=p0.dtype, device=p0.device)
     one = torch.ones_like(eta0)
-    out = {k: [] for k in ("S", "H", "dS", "dH", "d2S", "d2H")}
+    plan = resolve_microbatching(model, attention_mask, microbatch_size, token_budget,
+                                 mode="jvp" if order == 1 else "jvp2")
+    names = ("S", "H", "dS", "dH") + (("d2S", "d2H") if order == 2 else ())
+    out = {k: torch.zeros(input_ids.shape, dtype=torch.float64) for k in names}    # (N, L) each
+    done = 0
     # No torch.no_grad() here: it disables the decompositions that nested forward AD needs (silu's
     # second derivative). No graph is built anyway: every overridden tensor is detached.
     with forward_ad_attention(model):
-        for a in range(0, input_ids.shape[0], microbatch_size):
-            sl = slice(a, a + microbatch_size)
-            batch = [t[sl].to(p0.device) for t in (input_ids, attention_mask, response_mask)]
+        for mb in plan:
+            batch = _packed(mb, (input_ids, attention_mask, response_mask), p0.device)
 
             def f(eta):
-                return _scores_one_chunk(model, build_functional_params_named(model, v, eta), *batch, temperature)
+                return scored_token_logprobs(model, *batch, params=build_functional_params_named(model, v, eta),
+                                             temperature=temperature)
 
             try:
                 if order == 1:
                     (S, H), (dS, dH) = jvp(f, (eta0,), (one,))
-                    d2S = d2H = None
+                    values = (S, H, dS, dH)
                 else:
                     def df(eta):
                         return jvp(f, (eta,), (one,))
                     ((S, H), (dS, dH)), ((_, _), (d2S, d2H)) = jvp(df, (eta0,), (one,))
+                    values = (S, H, dS, dH, d2S, d2H)
             except (NotImplementedError, RuntimeError) as e:
                 if "forward AD" in str(e) or "forward-mode" in str(e) or "jvp" in str(e).lower():
                     raise ScoringError(f"{type(model).__name__} cannot be differentiated in forward mode: {e}. "
                                        "Use a non-quantised model and SDPA/eager attention") from e
                 raise
-            for name, x in (("S", S), ("H", H), ("dS", dS), ("dH", dH), ("d2S", d2S), ("d2H", d2H)):
-                if x is not None:
-                    _raise_if_nonfinite(name, x, a)
-                    out[name].append(x.cpu())
-    cat = {k: (torch.cat(x) if x else None) for k, x in out.items()}
-    return TokenScores(mask=response_mask.bool().cpu(), **cat)
+            r, c = mb.scored_coordinates(response_mask)
+            for name, x in zip(names, values):
+                _raise_if_nonfinite(name, x, r)
+                out[name][r, c] = x.detach().cpu()
+            done += len(mb.rows)
+            if progress:
+                progress(done, len(input_ids))
+    return TokenScores(mask=response_mask.bool(), **out)

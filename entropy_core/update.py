@@ -8,6 +8,10 @@ with m, s, t₀ and the hyperparameters of the SAVED param group:
 which is (θ_after − θ_before)/lr of `torch.optim.AdamW.step()`. Components with den frozen at its
 full-batch value: v = v_base + Σ_i v_i, v_base = −β₁m/((1−β₁ᵗ)den) − λθ, v_i = −(1−β₁)g_i/((1−β₁ᵗ)den).
 All arithmetic after the backward pass is float64.
+
+The gradient pass is length-bucketed and packed like scoring (`fastpaths`), and its float64
+log-softmax is checkpointed per chunk of positions (`scoring.chunked_logprobs_entropy`), so the
+backward keeps model-dtype logits of scored positions only.
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .fastpaths import resolve_microbatching
 from .params import get_optimizer_named_params
-from .scoring import check_batch, position_ids_from_mask, token_logprobs_entropy
+from .scoring import check_batch, scored_token_logprobs
 
 
 @dataclass
@@ -26,7 +31,7 @@ class UpdateResult:
     """v (name -> float64 tensor, parameter's shape), optional components, and summary stats."""
     vector: dict[str, torch.Tensor]
     stats: dict
-    base: dict[str, torch.Tensor] | None = None              # v_base
+    base: dict[str, torch.Tensor] | None = None              # v_base (always set by compute_update_vector)
     per_sequence: dict[str, torch.Tensor] | None = None      # name -> (N, *shape) v_i
     precond: dict[str, torch.Tensor] = field(default_factory=dict)  # P = −(1−β₁)/((1−β₁ᵗ)den), DESIGN §1.6
 
@@ -46,13 +51,12 @@ def drgrpo_coefficients(advantages: torch.Tensor, group: torch.Tensor, T: torch.
 
 def drgrpo_loss(model: torch.nn.Module, input_ids, attention_mask, response_mask, coef: torch.Tensor, *,
                 temperature: float = 1.0) -> torch.Tensor:
-    """Σ_i c_i Σ_k S_{i,k} for one microbatch, differentiable; float64 scalar."""
-    first = int(response_mask.bool().float().argmax(-1).min())
-    L = input_ids.shape[1]
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                   logits_to_keep=L - first + 1, use_cache=False).logits[:, :-1]   # (n, L-first, V)
-    S, _ = token_logprobs_entropy(logits, input_ids[:, first:], temperature)        # (n, L-first)
-    S = (S * response_mask[:, first:]).sum(-1)                                      # (n,)
+    """Σ_i c_i Σ_k S_{i,k} for one microbatch (any layout), differentiable; float64 scalar."""
+    S_tok, _ = scored_token_logprobs(model, input_ids, attention_mask, response_mask, temperature=temperature,
+                                     entropy=False)                               # (M,) row-major
+    T = response_mask.bool().sum(-1)                                                # (n,)
+    row = torch.arange(len(T), device=T.device).repeat_interleave(T)               # (M,) row of each token
+    S = torch.zeros(len(T), dtype=torch.float64, device=S_tok.device).index_add(0, row, S_tok)   # (n,) S_i
     if not torch.isfinite(S).all():
         raise ValueError(f"non-finite log-prob in the update batch (sequences {(~torch.isfinite(S)).nonzero().flatten().tolist()})")
     return (coef.to(S.device) * S).sum()
@@ -70,35 +74,37 @@ def _hparams(optimizer: torch.optim.Optimizer, group: dict) -> dict:
 
 
 def accumulate_gradient(model, params: Mapping[str, torch.nn.Parameter], batch: Mapping, coef: torch.Tensor, *,
-                        microbatch_size: int, temperature: float = 1.0, per_sequence: bool = False):
-    """g = ∇ Σ_i c_i S_i summed over microbatches in float64 (name -> tensor); with `per_sequence`, also
-    each sequence's share g_i as name -> (N, *shape), by one backward per sequence.
+                        microbatch_size: int | str, temperature: float = 1.0, per_sequence: bool = False,
+                        token_budget: int | None = None):
+    """g = ∇ Σ_i c_i S_i summed over length-bucketed, packed microbatches in float64 (name -> tensor);
+    with `per_sequence`, also each sequence's share g_i as name -> (N, *shape), by one backward per
+    sequence. microbatch_size: rows per backward or "auto"; token_budget: optional rows × width cap.
     Returns: g, g_i (or None), and the loss value L (float)."""
     device = next(iter(params.values())).device
     names, tensors = list(params), list(params.values())
     g = {n: torch.zeros(p.shape, dtype=torch.float64, device=device) for n, p in params.items()}
-    N = batch["input_ids"].shape[0]
+    cols = [batch[k].cpu() for k in ("input_ids", "attention_mask", "response_mask")]
+    N = cols[0].shape[0]
     g_i = {n: torch.zeros((N, *p.shape), dtype=torch.float64, device=device) for n, p in params.items()} \
         if per_sequence else None
-    step = 1 if per_sequence else microbatch_size
+    plan = resolve_microbatching(model, cols[1], 1 if per_sequence else microbatch_size, token_budget, mode="grad")
     total = 0.0
-    for a in range(0, N, step):
-        sl = slice(a, a + step)
-        loss = drgrpo_loss(model, *(batch[k][sl].to(device) for k in ("input_ids", "attention_mask", "response_mask")),
-                           coef[sl], temperature=temperature)
+    for mb in plan:
+        loss = drgrpo_loss(model, *(t.to(device) for t in mb.pack(*cols)), coef[mb.rows], temperature=temperature)
         grads = torch.autograd.grad(loss, tensors, allow_unused=True)
         total += float(loss.detach())
         for n, gr in zip(names, grads):
             if gr is not None:
                 g[n] += gr.double()
                 if per_sequence:
-                    g_i[n][a] = gr.double()
+                    g_i[n][int(mb.rows[0])] = gr.double()
     return g, g_i, total
 
 
 def compute_update_vector(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping, *,
-                          microbatch_size: int = 4, clip_norm: float | None = None, components: bool = False,
-                          temperature: float = 1.0, dropout: bool = False) -> UpdateResult:
+                          microbatch_size: int | str = 4, clip_norm: float | None = None, components: bool = False,
+                          temperature: float = 1.0, dropout: bool = False,
+                          token_budget: int | None = None) -> UpdateResult:
     """AdamW step per unit learning rate for the trainable tensors: v = (θ_next − θ) / lr. DESIGN §1.1.
 
     Hyperparameters come from the optimizer's saved param_groups, never from defaults. The gradient
@@ -108,6 +114,8 @@ def compute_update_vector(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     Args:
         batch: input_ids, attention_mask, response_mask (N, L); advantages (N,); group (N,) prompt labels.
         components: also return v_base and every v_i (one backward per sequence; small batches only).
+        microbatch_size: rows per backward, or "auto" (token budget from free memory); token_budget:
+            optional cap on rows × packed width. Either way the sum is the same up to round-off.
     Returns: UpdateResult(vector={name: float64 tensor}, stats={norm, tensor_norms, loss, grad_norm,
              clip_scale, num_tensors, num_sequences, tokens}).
     Raises: ValueError naming each parameter whose optimizer state is missing or non-finite.
@@ -115,21 +123,42 @@ def compute_update_vector(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     ids, am, rm = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
     check_batch(ids, am, rm)
     named = get_optimizer_named_params(model, optimizer)                   # name -> Parameter, optimizer order
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    missing = [n for n, p in named.items() if not optimizer.state.get(p) or "exp_avg" not in optimizer.state[p]]
-    if missing:
-        raise ValueError(f"{len(missing)} parameters have no AdamW state (exp_avg/exp_avg_sq/step): "
-                         f"{', '.join(missing)}; the optimizer file must come from a run that has stepped")
+    _check_state(named, optimizer)                                         # before the expensive backward
     T = rm.sum(-1)
     coef = drgrpo_coefficients(batch["advantages"], batch["group"], T)
     was_training = model.training
     model.train(dropout)
     try:
         g, g_i, loss = accumulate_gradient(model, named, batch, coef, microbatch_size=microbatch_size,
-                                           temperature=temperature, per_sequence=components)
+                                           temperature=temperature, per_sequence=components,
+                                           token_budget=token_budget)
     finally:
         model.train(was_training)
+    res = update_from_gradient(model, optimizer, g, clip_norm=clip_norm, g_i=g_i)
+    res.stats.update(loss=loss, num_sequences=int(ids.shape[0]), tokens=int(T.sum()))
+    return res
 
+
+def _check_state(named: Mapping[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    missing = [n for n, p in named.items() if not optimizer.state.get(p) or "exp_avg" not in optimizer.state[p]]
+    if missing:
+        raise ValueError(f"{len(missing)} parameters have no AdamW state (exp_avg/exp_avg_sq/step): "
+                         f"{', '.join(missing)}; the optimizer file must come from a run that has stepped")
+
+
+def update_from_gradient(model: torch.nn.Module, optimizer: torch.optim.Optimizer, g: Mapping[str, torch.Tensor], *,
+                         clip_norm: float | None = None, g_i: Mapping[str, torch.Tensor] | None = None
+                         ) -> UpdateResult:
+    """The AdamW half of `compute_update_vector`: v from a batch gradient g = ∇L computed elsewhere
+    (DESIGN §1.1), and with per-sequence shares g_i the components v_base, v_i.
+
+    Args: g: name -> float64 tensor for every optimizer tensor; g_i: name -> (N, *shape) or None.
+    Returns: UpdateResult; stats without loss / num_sequences / tokens (the caller knows them).
+    """
+    named = get_optimizer_named_params(model, optimizer)
+    _check_state(named, optimizer)
+    group_of = {id(p): grp for grp in optimizer.param_groups for p in grp["params"]}
+    components = g_i is not None
     grad_norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g.values()))
     clip_scale = 1.0
     if clip_norm is not None:                                             # as torch.nn.utils.clip_grad_norm_
@@ -154,10 +183,10 @@ def compute_update_vector(model: torch.nn.Module, optimizer: torch.optim.Optimiz
         decay = hp["wd"] * theta if hp["decoupled"] else 0.0
         v[n] = -m_t / (bc1 * den) - decay                                 # DESIGN §1.1
         precond[n] = -(1 - hp["beta1"]) * clip_scale * (-1 if hp["maximize"] else 1) / (bc1 * den)
+        base[n] = -hp["beta1"] * m / (bc1 * den) - decay                  # v_base, DESIGN §1.1 (cheap: kept always)
+        if not hp["decoupled"] and hp["wd"]:                              # L2 term belongs to no sequence
+            base[n] = base[n] + precond[n] * hp["wd"] * theta / clip_scale * (-1 if hp["maximize"] else 1)
         if components:
-            base[n] = -hp["beta1"] * m / (bc1 * den) - decay
-            if not hp["decoupled"] and hp["wd"]:                          # L2 term belongs to no sequence
-                base[n] = base[n] + precond[n] * hp["wd"] * theta / clip_scale * (-1 if hp["maximize"] else 1)
             per_seq[n] = precond[n] * g_i[n]                               # (N, *shape) v_i = P ⊙ g_i
         if not torch.isfinite(v[n]).all():
             bad.append(n)
@@ -165,7 +194,6 @@ def compute_update_vector(model: torch.nn.Module, optimizer: torch.optim.Optimiz
         raise ValueError(f"{len(bad)} tensors of the update vector are non-finite: {', '.join(bad)}")
     tensor_norms = {n: float(x.norm()) for n, x in v.items()}
     stats = dict(norm=math.sqrt(sum(x ** 2 for x in tensor_norms.values())), tensor_norms=tensor_norms,
-                 loss=loss, grad_norm=grad_norm, clip_scale=clip_scale, clip_norm=clip_norm, num_tensors=len(v),
-                 num_sequences=int(ids.shape[0]), tokens=int(T.sum()))
-    return UpdateResult(vector=v, stats=stats, base=base if components else None,
-                        per_sequence=per_seq if components else None, precond=precond)
+                 grad_norm=grad_norm, clip_scale=clip_scale, clip_norm=clip_norm, num_tensors=len(v))
+    return UpdateResult(vector=v, stats=stats, base=base, per_sequence=per_seq if components else None,
+                        precond=precond)

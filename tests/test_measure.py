@@ -35,6 +35,9 @@ NUMBERS = ("entropy", "true", "linear", "quadratic", "update")
 # v ≈ m/√s normalises g to O(1) per element, so float32 round-off of the per-microbatch gradients
 # (~1e-7 relative) shows in v as ~1e-6 absolute when the microbatch changes.
 V_ATOL_FP32_MICROBATCH = 2e-5
+# Length bucketing packs each microbatch to its own width, so a different microbatch size changes
+# float32 reductions at round-off level (seen: 5e-9 relative); issue 6 allows 1e-6.
+FP32_REPACK_RTOL, FP32_REPACK_ATOL = 1e-6, 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +161,9 @@ def test_oom_in_teacher_forcing_halves_the_microbatch(first_run, monkeypatch, tm
     tensors, meta = load_artifact(ref)
     assert meta["microbatch_used"] == 2 and seen[:3] == [8, 4, 2]
     expected, _ = load_artifact(theta)
-    for k in ("S", "H", "mask"):
-        torch.testing.assert_close(tensors[k], expected[k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    for k in ("S", "H", "mask"):      # other microbatches pack other widths: float32 round-off, no more
+        torch.testing.assert_close(tensors[k], expected[k], rtol=FP32_REPACK_RTOL, atol=FP32_REPACK_ATOL,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_oom_in_the_update_pass_halves_the_microbatch(first_run, monkeypatch, tmp_path):
