@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+                      model_serializer, model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
@@ -76,6 +77,11 @@ class DemoCheckpointConfig(_Section):
     max_new_tokens: int = Field(48, gt=0, description="Response length cap while building the demo checkpoint.")
 
 
+def checkpoint_dir_optimizer(folder: str) -> str:
+    """Where checkpoint.dir's optimizer state is: <folder>/optimizer.pt (HF Trainer / TRL layout)."""
+    return os.path.join(folder, "optimizer.pt")
+
+
 class CheckpointConfig(_Section):
     """The policy and its optimizer state: base model + LoRA adapter + AdamW `optimizer.pt`."""
     base: str = Field(DEMO_BASE, min_length=1,
@@ -87,13 +93,36 @@ class CheckpointConfig(_Section):
     optimizer: str | None = Field(None, description="Path to the AdamW optimizer.pt saved with the adapter "
                                   "(a plain optimizer.state_dict(), loaded with weights_only=True). Given together "
                                   "with checkpoint.adapter.")
+    dir: str | None = Field(None, min_length=1, description="A HF Trainer / TRL checkpoint folder (checkpoint-N/: "
+                            "adapter files and optimizer.pt side by side), instead of checkpoint.adapter and "
+                            "checkpoint.optimizer: it sets adapter = dir and optimizer = dir/optimizer.pt.")
     qlora: bool = Field(False, description="Load the base in 4-bit (bitsandbytes). Forward-mode JVPs are then "
                                            "unavailable (DESIGN §2.8); first order comes from finite differences.")
     demo: DemoCheckpointConfig = Field(default_factory=DemoCheckpointConfig,
                                        description="Demo checkpoint recipe; ignored when checkpoint.adapter is set.")
 
+    @model_serializer(mode="wrap")
+    def _omit_unset_dir(self, handler) -> dict[str, Any]:
+        # `dir` is newer than the run manifests and cache keys already on disk: leaving it out while unset
+        # keeps those valid (a config without checkpoint.dir dumps exactly as before the key existed)
+        data = handler(self)
+        if self.dir is None:
+            data.pop("dir", None)
+        return data
+
     @model_validator(mode="after")
     def _adapter_and_optimizer(self) -> CheckpointConfig:
+        if self.dir is not None:
+            # Path arithmetic only: validation never reads the disk (entropy_core.checkpoints checks it).
+            derived = (self.dir, checkpoint_dir_optimizer(self.dir))
+            given = [k for k, v in (("adapter", self.adapter), ("optimizer", self.optimizer)) if v is not None]
+            if given and (self.adapter, self.optimizer) != derived:   # equal: a dumped config, validated again
+                both = "checkpoint.dir is set together with " + " and ".join(f"checkpoint.{k}" for k in given)
+                msg = (f"{both}; checkpoint.dir={self.dir!r} already means adapter={derived[0]!r} and "
+                       f"optimizer={derived[1]!r}: give checkpoint.dir alone, or checkpoint.adapter and "
+                       "checkpoint.optimizer without it")
+                _raise_problems("CheckpointConfig", [("dir", msg, self.dir)])
+            self.adapter, self.optimizer = derived
         has_adapter, has_optimizer = self.adapter is not None, self.optimizer is not None
         if not has_adapter and self.base != DEMO_BASE:
             _raise_problems("CheckpointConfig", [(
@@ -220,7 +249,10 @@ class EstimatorConfig(_Section):
     fd_step: float | None = Field(None, gt=0, description="Step h of the central finite differences; null = "
                                                           "chosen automatically.")
     microbatch_size: int = Field(8, gt=0, description="Sequences per scoring / JVP pass over E.")
-    attribution: bool = Field(False, description="Per-U-sequence shares of ΔĤ'(0) (DESIGN §1.6).")
+    attribution: bool = Field(False, description="Per-U-sequence shares of ΔĤ'(0) (DESIGN §1.6): one reverse "
+                                                 "pass over E and forward-mode passes over U.")
+    attribution_groups: int = Field(8, ge=0, description="Groups of E for the attribution error bars (each adds "
+                                                         "a tangent over U); 0 = point estimates only.")
     logw_clip: float | None = Field(None, gt=0, description="Clip SNIS log-weights to ±logw_clip (biased; the clip "
                                                             "fraction is reported); null = no clipping.")
 

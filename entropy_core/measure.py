@@ -151,6 +151,12 @@ class EntropyMeasurements:
             lin = self._stage("linear", "linear", stages.linear, ckpt=ckpt, e_ref=E, v_ref=v, theta_ref=theta,
                               quadratic=est.quadratic, variance_reduced=est.variance_reduced, fd_step=fd_step,
                               temperature=tau, microbatch_size=est.microbatch_size, **rt)
+        attr = None
+        if est.attribution:
+            attr = self._stage("attribution", "attribution", stages.attribution, ckpt=ckpt, e_ref=E, u_ref=U, v_ref=v,
+                               theta_ref=theta, groups=est.attribution_groups,
+                               variance_reduced=est.variance_reduced, temperature=tau,
+                               microbatch_size=est.microbatch_size, **rt)
         estimates = self._stage("estimate", "estimate", stages.estimate, e_ref=E, theta_ref=theta, eta_refs=etas,
                                 v_ref=v, linear_ref=lin, logw_clip=est.logw_clip, report_linear=est.linear,
                                 report_quadratic=est.quadratic, root=str(run.artifacts), log=log)
@@ -158,7 +164,7 @@ class EntropyMeasurements:
             timing = {"stages": dict(self.timing), "total_seconds": round(time.perf_counter() - t_start, 4)}
             path = write_report(estimates, output_dir=run.output_dir, config=dump_config(cfg), timing=timing,
                                 artifacts=artifact_paths(E=E, U=U, update_vector=v, theta=theta, etas=etas, linear=lin),
-                                run=run_info(cfg, run, ckpt, fd_step, "EntropyMeasurements"))
+                                run=run_info(cfg, run, ckpt, fd_step, "EntropyMeasurements"), attribution_ref=attr)
         log.log("results", "minimal", path=str(path), seconds=round(time.perf_counter() - t_start, 3))
         return path
 

@@ -15,6 +15,9 @@ run's output_dir, results.json LAST and atomically, so results.json exists only 
                        versions; timing {stages: {name: {seconds, state}}, total_seconds}
     per_sequence.csv   one row per E sequence: index, prompt_index, T, S, H, logw at each η, response
     delta_h.png        ΔĤ(η) ± 1.96 se against η·slope and η·slope + η²·curvature/2
+    attribution.csv    (estimator.attribution) one row per U sequence: c_i ± se, vr column, advantage,
+                       reward, length, mean/min token log-prob, entropy, covariance proxy, response
+    attribution.png    c_i against advantage and mean log-prob; cumulative share of the top-k sequences
 
 `summary_markdown`, `eta_table` and `plot_png` give the same content for a UI (the Prefect flow
 publishes them as artifacts); matplotlib is imported only to draw, with the Agg backend.
@@ -32,10 +35,12 @@ from typing import Any
 
 from .artifacts import ArtifactRef, load_artifact, write_json_atomic
 
-__all__ = ["RESULTS_NAME", "CSV_NAME", "PLOT_NAME", "write_report", "build_results", "write_per_sequence_csv",
-           "plot_png", "summary_markdown", "eta_table", "versions"]
+__all__ = ["RESULTS_NAME", "CSV_NAME", "PLOT_NAME", "ATTR_CSV_NAME", "ATTR_PLOT_NAME", "write_report",
+           "build_results", "write_per_sequence_csv", "plot_png", "summary_markdown", "eta_table", "versions",
+           "write_attribution", "attribution_png", "attribution_markdown"]
 
 RESULTS_NAME, CSV_NAME, PLOT_NAME = "results.json", "per_sequence.csv", "delta_h.png"
+ATTR_CSV_NAME, ATTR_PLOT_NAME = "attribution.csv", "attribution.png"
 _Z95 = 1.96          # two-sided 95% normal quantile for the error bars
 
 
@@ -52,9 +57,11 @@ def versions() -> dict[str, str | None]:
 
 def build_results(body: Mapping[str, Any], *, config: Mapping, timing: Mapping, artifacts: Mapping,
                   run: Mapping | None = None) -> dict:
-    """The results.json document from the estimates' body (entropy, true, linear, quadratic, update)."""
+    """The results.json document from the estimates' body (entropy, true, linear, quadratic, update,
+    and attribution when that stage ran)."""
     return {"entropy": body["entropy"], "true": body["true"], "linear": body["linear"],
-            "quadratic": body["quadratic"], "update": body["update"], "artifacts": dict(artifacts),
+            "quadratic": body["quadratic"], "update": body["update"], "attribution": body.get("attribution"),
+            "artifacts": dict(artifacts),
             "config": dict(config), "run": dict(run or {}), "versions": versions(), "timing": dict(timing)}
 
 
@@ -142,9 +149,80 @@ def summary_markdown(results: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_attribution(attr_ref: ArtifactRef, output_dir: str | os.PathLike) -> dict:
+    """attribution.csv and attribution.png from the "attribution" artifact; returns the results.json
+    section: base, slope, Σc, Spearman ρ(proxy, c), the top sequences by |c| and the file paths."""
+    out = Path(output_dir)
+    cols, meta = load_artifact(attr_ref)
+    names = ["c", "c_se"] + [k for k in ("c_vr", "c_vr_se") if k in cols] + \
+        ["advantage", "reward", "T", "logp_mean", "logp_min", "entropy_mean", "proxy", "prompt_index", "group"]
+    lines = io.StringIO()
+    w = csv.writer(lines)
+    w.writerow(["index"] + names + ["response"])
+    for i, text in enumerate(meta["texts"]):
+        w.writerow([i] + [repr(float(cols[k][i])) for k in names] + [text])
+    _write_atomic(out / ATTR_CSV_NAME, lines.getvalue().encode("utf-8"))
+    _write_atomic(out / ATTR_PLOT_NAME, attribution_png(cols))
+    c = cols["c"]
+    top = c.abs().argsort(descending=True)[:5].tolist()
+    return {**meta["summary"], "top": [{"index": i, "c": float(c[i]), "c_se": float(cols["c_se"][i]),
+                                        "advantage": float(cols["advantage"][i]), "response": meta["texts"][i][:200]}
+                                       for i in top],
+            "csv": str(out / ATTR_CSV_NAME), "plot": str(out / ATTR_PLOT_NAME), "artifact": attr_ref.path}
+
+
+def attribution_png(cols: Mapping, *, dpi: int = 100) -> bytes:
+    """Three panels: c_i vs advantage, c_i vs mean token log-prob, cumulative share of Σc by the top-k |c_i|."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = cols["c"].double()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=dpi)
+    try:
+        for ax, key, label in ((axes[0], "advantage", "advantage A_i"), (axes[1], "logp_mean", "mean token log-prob")):
+            ax.errorbar(cols[key].double().tolist(), c.tolist(), yerr=(_Z95 * cols["c_se"].double()).tolist(),
+                        fmt="o", ms=3, color="k", ecolor="0.6", capsize=2)
+            ax.axhline(0.0, color="0.7", lw=0.8)
+            ax.set_xlabel(label)
+            ax.set_ylabel("c_i = ⟨∇Ĥ, v_i⟩")
+        order = c.abs().argsort(descending=True)
+        share = (c[order].cumsum(0) / c.sum()).tolist()
+        axes[2].plot(range(1, len(share) + 1), share, "-o", ms=2)
+        axes[2].axhline(1.0, color="0.7", lw=0.8)
+        axes[2].set_xlabel("top-k sequences by |c_i|")
+        axes[2].set_ylabel("cumulative share of Σ c_i")
+        for ax in axes:
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def attribution_markdown(attr: Mapping) -> str:
+    """Σ c_i + base = slope, the proxy's rank correlation, and the top sequences by |c_i|."""
+    lines = [f"- slope = Σ c_i + base = {attr['sum_c']:.6g} + {attr['base']:.6g} = {attr['slope']:.6g}",
+             f"- Spearman ρ(covariance proxy, c_i) = {attr['spearman_proxy_c']:.3f}", "",
+             "| U seq | c_i | se | advantage | response |", "|---|---|---|---|---|"]
+    for r in attr["top"]:
+        text = r["response"].replace("|", "\\|").replace("\n", " ")[:80]
+        lines.append(f"| {r['index']} | {r['c']:.4g} | {r['c_se']:.2g} | {r['advantage']:.3g} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(estimates_ref: ArtifactRef, *, output_dir: str | os.PathLike, config: Mapping, timing: Mapping,
-                 artifacts: Mapping, run: Mapping | None = None) -> Path:
-    """Write per_sequence.csv, delta_h.png and then results.json (atomically, last) into output_dir.
+                 artifacts: Mapping, run: Mapping | None = None, attribution_ref: ArtifactRef | None = None) -> Path:
+    """Write per_sequence.csv, delta_h.png (and the attribution table and plot) and then results.json
+    (atomically, last) into output_dir.
 
     Returns: the path of results.json.
     Raises: ValueError (nothing written to results.json) if any value cannot be stored as strict JSON.
@@ -152,6 +230,8 @@ def write_report(estimates_ref: ArtifactRef, *, output_dir: str | os.PathLike, c
     out = Path(output_dir)
     tensors, meta = load_artifact(estimates_ref)
     body = {k: meta[k] for k in ("entropy", "true", "linear", "quadratic", "update")}
+    if attribution_ref is not None:
+        body["attribution"] = write_attribution(attribution_ref, out)
     csv_path = write_per_sequence_csv(out / CSV_NAME, tensors, meta)
     arts = {**artifacts, "estimates": estimates_ref.path, "per_sequence_csv": str(csv_path),
             "plot": str(out / PLOT_NAME)}

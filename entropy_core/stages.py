@@ -48,18 +48,19 @@ from .config import DEMO_BASE, CheckpointConfig, DataConfig, GenerationConfig, M
     dump_config
 from .data import get_reward_fn, load_dataset_split
 from .estimators import default_fd_step, entropy_base, ess, linear_estimates, snis_delta
+from .estimators.attribution import attribute, covariance_proxy, spearman
 from .loading import load_adam_optimizer_from_path, load_peft_for_probe
 from .logging import DetailedLogger
-from .report import CSV_NAME, PLOT_NAME, RESULTS_NAME
+from .report import ATTR_CSV_NAME, ATTR_PLOT_NAME, CSV_NAME, PLOT_NAME, RESULTS_NAME
 from .scoring import TokenScores, score_tokens
 from .sequences import BatchedSequences, SequenceProcessor
-from .update import compute_update_vector
+from .update import UpdateResult, compute_update_vector
 
 __all__ = [
     "CheckpointRef", "RunDir", "NonFiniteResultError", "prepare_run", "stage_key", "code_version", "derive_seed",
     "resolve_device", "ref_is_valid", "checkpoint_fingerprint", "demo_checkpoint_dir", "resolve_checkpoint",
     "get_model", "clear_model_cache", "resolve_fd_step", "load_batch", "load_scores", "sample_E", "sample_U",
-    "update_vector", "score", "linear", "estimate", "RESULTS_NAME", "CSV_NAME", "PLOT_NAME",
+    "update_vector", "score", "linear", "attribution", "estimate", "RESULTS_NAME", "CSV_NAME", "PLOT_NAME",
 ]
 
 # Keys of the config a run directory may be reused with: none of them changes E, U, v or the θ pass.
@@ -93,7 +94,7 @@ def prepare_run(cfg: MeasureConfig) -> RunDir:
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     write_run_manifest(out, dump_config(cfg), allow_changes=RERUN_MAY_CHANGE)
-    for name in (RESULTS_NAME, CSV_NAME, PLOT_NAME):
+    for name in (RESULTS_NAME, CSV_NAME, PLOT_NAME, ATTR_CSV_NAME, ATTR_PLOT_NAME):
         (out / name).unlink(missing_ok=True)
     return RunDir(output_dir=out, artifacts=out / "artifacts", results=out / RESULTS_NAME)
 
@@ -462,7 +463,8 @@ def update_vector(ckpt: CheckpointRef, u_ref: ArtifactRef, *, update: UpdateConf
 
     The optimizer is read here, the only stage that needs it, and freed when the stage returns.
     Returns artifact "update_vector": name -> float64 tensor (parameter names of the model), with the
-    stats (norm, loss, grad_norm, clip_scale, ...), lr and the microbatch used in meta.
+    stats (norm, loss, grad_norm, clip_scale, ...), lr, the microbatch used and, under "parts", the
+    reference of the "update_parts" artifact (preconditioner P and v_base, for attribution) in meta.
     """
     log = log or _NULL_LOG
     model, _ = get_model(ckpt, dtype=dtype, device=device)
@@ -473,8 +475,12 @@ def update_vector(ckpt: CheckpointRef, u_ref: ArtifactRef, *, update: UpdateConf
                                         temperature=temperature, dropout=update.dropout),
         update.microbatch_size, what="update_vector", log=log)
     lrs = sorted({float(g["lr"]) for g in optimizer.param_groups if g["params"]})
+    parts = save_artifact(root, "update_parts", {**{f"precond/{n}": t for n, t in res.precond.items()},
+                                                 **{f"base/{n}": t for n, t in res.base.items()}},
+                          {"what": "P = −(1−β₁)/((1−β₁ᵗ)den) and v_base, DESIGN §1.6"},
+                          inputs={"checkpoint": ckpt.sha256, "U": u_ref})
     meta = {"stats": res.stats, "lr": lrs, "update": update, "temperature": temperature, "dtype": dtype,
-            "microbatch_used": mb, "rewards_mean": float(U.rewards.mean())}
+            "microbatch_used": mb, "rewards_mean": float(U.rewards.mean()), "parts": parts.to_dict()}
     ref = save_artifact(root, "update_vector", res.vector, meta, inputs={"checkpoint": ckpt.sha256, "U": u_ref})
     log.log("update_vector", norm=res.stats["norm"], tensors=res.stats["num_tensors"], loss=res.stats["loss"],
             artifact=ref.sha256[:12])
@@ -573,6 +579,52 @@ def linear(ckpt: CheckpointRef, e_ref: ArtifactRef, v_ref: ArtifactRef, theta_re
     ref = save_artifact(root, "linear", tensors, meta,
                         inputs={"checkpoint": ckpt.sha256, "E": e_ref, "update_vector": v_ref, "theta": theta_ref})
     log.log("linear", slope=res.slope_exact.value, slope_fd=est["slope_fd"]["value"], artifact=ref.sha256[:12])
+    return ref
+
+
+# ------------------------------------------------------------------------------------------------ attribution
+def attribution(ckpt: CheckpointRef, e_ref: ArtifactRef, u_ref: ArtifactRef, v_ref: ArtifactRef,
+                theta_ref: ArtifactRef, *, groups: int, variance_reduced: bool, temperature: float,
+                microbatch_size: int, dtype: str, device: str, root: str | os.PathLike,
+                log: DetailedLogger | None = None) -> ArtifactRef:
+    """Which U sequences drive the slope: c_i = ⟨∇Ĥ, v_i⟩ with its se over E (DESIGN §1.6), the
+    variance-reduced column, and per sequence the covariance proxy −Cov(log π, A) beside it.
+
+    Uses P and v_base stored by `update_vector`; one reverse pass over E and forward-mode passes over U.
+    Returns artifact "attribution": (N_U,) columns c, c_se, (c_vr, c_vr_se), advantage, reward, T,
+    mean/min token log-prob, entropy, proxy; summary (base, slope, Spearman ρ(proxy, c)) in meta.
+    """
+    log = log or _NULL_LOG
+    model, _ = get_model(ckpt, dtype=dtype, device=device)
+    dev = _model_device(model)
+    E, U, theta = load_batch(e_ref), load_batch(u_ref), load_scores(theta_ref)
+    vt, vmeta = load_artifact(v_ref)
+    parts, _ = load_artifact(ArtifactRef.from_dict(vmeta["parts"]))
+    upd = UpdateResult(vector={n: t.to(dev) for n, t in vt.items()}, stats=vmeta["stats"],
+                       precond={n: parts[f"precond/{n}"].to(dev) for n in vt})
+    v_base = {n: parts[f"base/{n}"].to(dev) for n in vt}
+    res, mb = _halving_on_oom(
+        lambda m: attribute(model, E, U, upd, theta, v_base=v_base, groups=groups, variance_reduced=variance_reduced,
+                            temperature=temperature, microbatch_size=m),
+        microbatch_size, what="attribution", log=log)
+    Ut = score_tokens(model, U.input_ids, U.attention_mask, U.response_mask, temperature=temperature,
+                      microbatch_size=mb)                                  # per-token S, H of U at θ
+    st, m = Ut.per_sequence(), Ut.mask
+    token_S = Ut.S.masked_fill(~m, float("inf"))
+    proxy = covariance_proxy(Ut.S, m, U.advantages)
+    cols = {"c": res.c, "c_se": res.c_se, "advantage": U.advantages, "reward": U.rewards, "T": st.T,
+            "logp_mean": st.S / st.T, "logp_min": token_S.min(-1).values, "entropy_mean": st.H / st.T,
+            "prompt_index": U.prompt_index, "group": U.group, "proxy": proxy}
+    if res.c_vr is not None:
+        cols.update(c_vr=res.c_vr, c_vr_se=res.c_vr_se)
+    summary = {"base": res.base, "slope": res.slope, "sum_c": float(res.c.sum()), "base_vr": res.base_vr,
+               "slope_vr": res.slope_vr, "spearman_proxy_c": spearman(proxy, res.c), "groups": groups,
+               "passes": res.passes}
+    meta = {"summary": summary, "texts": list(U.texts), "microbatch_used": mb}
+    ref = save_artifact(root, "attribution", cols, meta, inputs={"checkpoint": ckpt.sha256, "E": e_ref, "U": u_ref,
+                                                                 "update_vector": v_ref, "theta": theta_ref})
+    log.log("attribution", slope=res.slope, base=res.base, spearman=summary["spearman_proxy_c"],
+            artifact=ref.sha256[:12])
     return ref
 
 

@@ -101,6 +101,10 @@ def measure(cfg: MeasureConfig = MeasureConfig()) -> str:
         fd_step = stages.resolve_fd_step(est.fd_step, est.eta_list)
         lin = st("linear", t.estimate_linear, ckpt=ckpt, e_ref=E, v_ref=v, theta_ref=theta,             # slope
                  quadratic=est.quadratic, variance_reduced=est.variance_reduced, fd_step=fd_step, **score)
+    attr = None
+    if est.attribution:
+        attr = st("attribution", t.attribution, ckpt=ckpt, e_ref=E, u_ref=U, v_ref=v, theta_ref=theta,         # who
+                  groups=est.attribution_groups, variance_reduced=est.variance_reduced, **score)
     estimates = st("estimate", t.estimate, e_ref=E, theta_ref=theta, eta_refs=etas, v_ref=v, linear_ref=lin,  # SNIS
                    logw_clip=est.logw_clip, report_linear=est.linear, report_quadratic=est.quadratic,
                    root=rt["root"])
@@ -109,7 +113,7 @@ def measure(cfg: MeasureConfig = MeasureConfig()) -> str:
     path = report.write_report(                                                                         # report
         estimates, output_dir=run.output_dir, config=dump_config(cfg), timing=timing,
         artifacts=artifact_paths(E=E, U=U, update_vector=v, theta=theta, etas=etas, linear=lin),
-        run=run_info(cfg, run, ckpt, fd_step, "prefect", flow_run_id=str(flow_run.id)))
+        run=run_info(cfg, run, ckpt, fd_step, "prefect", flow_run_id=str(flow_run.id)), attribution_ref=attr)
     _publish(path)
     update_progress_artifact(st.progress_id, progress=100.0)
     get_run_logger().info(f"results: {path}")
@@ -126,6 +130,12 @@ def _publish(results_path: Path) -> None:
                              description="ΔĤ(η) of one simulated Dr.GRPO step")
     create_table_artifact(table=report.eta_table(results), key="entropy-delta-table",
                           description="SNIS ΔĤ(η) per step size, with the linear and quadratic predictions")
+    attr = results.get("attribution")
+    if attr:
+        png = base64.b64encode(Path(attr["plot"]).read_bytes()).decode("ascii")
+        create_markdown_artifact(markdown=f"# Which U sequences drive the slope\n\n{report.attribution_markdown(attr)}"
+                                 f"\n![attribution](data:image/png;base64,{png})\n", key="entropy-attribution",
+                                 description="c_i = ⟨∇Ĥ, v_i⟩ per U sequence (DESIGN §1.6)")
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 from entropy_core.config import PipelineConfig
 
+from .attribution import attribution
 from .checkpoint import load_checkpoint
 from .estimate import estimate
 from .evaluate import estimate_linear, evaluate
@@ -23,11 +24,11 @@ from .sampling import sample_E, sample_U
 from .update import compute_update_vector
 
 __all__ = ["load_checkpoint", "sample_E", "sample_U", "compute_update_vector", "evaluate", "estimate_linear",
-           "estimate", "bind_tasks"]
+           "attribution", "estimate", "bind_tasks"]
 
 ALL_TASKS = {"load_checkpoint": load_checkpoint, "sample_E": sample_E, "sample_U": sample_U,
              "compute_update_vector": compute_update_vector, "evaluate": evaluate,
-             "estimate_linear": estimate_linear, "estimate": estimate}
+             "estimate_linear": estimate_linear, "attribution": attribution, "estimate": estimate}
 
 
 def bind_tasks(output_dir: str | Path, pipeline: PipelineConfig) -> SimpleNamespace:

@@ -88,3 +88,29 @@ def test_point_estimates_without_error_bars_are_the_same(setup):
     cheap = attribute(m, e, u, upd, theta, v_base=upd.base, groups=0, variance_reduced=False)
     torch.testing.assert_close(cheap.c, res.c, rtol=1e-10, atol=0)
     assert torch.isnan(cheap.c_se).all() and cheap.passes == {"e_backward": 1, "u_tangents": 1}
+
+
+def test_attribution_stage_in_a_measurement(tmp_path):
+    """estimator.attribution adds a stage whose shares sum (with the base) to the reported exact slope,
+    and leaves attribution.csv / attribution.png and a results.json section behind."""
+    import csv
+    import json
+
+    from entropy_core.config import config_from_dict
+    from entropy_core.measure import EntropyMeasurements
+    from pipeline_fixtures import build_setup, with_output
+
+    cfg = with_output(build_setup(tmp_path / "setup"), tmp_path / "run",
+                      estimator={"attribution": True, "attribution_groups": 2, "quadratic": False},
+                      precision={"runtime_dtype": "float64"})
+    res = json.loads(EntropyMeasurements(config_from_dict(cfg)).run().read_text())
+    attr = res["attribution"]
+    assert attr["slope"] == pytest.approx(res["linear"]["slope_exact"], rel=1e-9)
+    assert attr["slope_vr"] == pytest.approx(res["linear"]["slope_vr"], rel=1e-9)
+    assert -1 <= attr["spearman_proxy_c"] <= 1 and len(attr["top"]) == min(5, res["update"]["sequences"])
+    rows = list(csv.DictReader(open(attr["csv"], encoding="utf-8")))
+    assert len(rows) == res["update"]["sequences"]
+    assert sum(float(r["c"]) for r in rows) == pytest.approx(attr["sum_c"], rel=1e-9)
+    assert {"c_se", "c_vr", "advantage", "reward", "logp_mean", "logp_min", "entropy_mean", "proxy",
+            "response"} <= set(rows[0])
+    assert open(attr["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

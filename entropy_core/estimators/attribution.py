@@ -196,3 +196,35 @@ def attribute(model: torch.nn.Module, e_batch, u_batch, update: UpdateResult, th
         out.slope_vr = float(out.c_vr.sum()) + out.base_vr
         out.passes["u_tangents"] += len(zk)
     return out
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation (average ranks for ties) of two (N,) tensors."""
+    def ranks(t):
+        t = t.double()
+        r = torch.empty_like(t)
+        order = t.argsort()
+        r[order] = torch.arange(len(t), dtype=torch.float64)
+        for val in t.unique():                                   # ties share their mean rank
+            tie = t == val
+            if tie.sum() > 1:
+                r[tie] = r[tie].mean()
+        return r
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+
+
+def covariance_proxy(token_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """Per-sequence share of −Cov(log π(y_k), A) over all U tokens, the entropy-change proxy of the
+    entropy-collapse literature: proxy_i = −Σ_k (S_{i,k} − S̄)(A_i − Ā) / N_tokens, token-weighted means.
+
+    Args: token_logp (N, L) per-token log-probs; mask (N, L) scored tokens; advantages (N,).
+    Returns: (N,) float64; the proxies sum to −Cov.
+    """
+    m = mask.double()
+    n_tok = m.sum()
+    S_bar = (token_logp.double() * m).sum() / n_tok
+    A = advantages.double()
+    A_bar = (A[:, None] * m).sum() / n_tok
+    return -(((token_logp.double() - S_bar) * m).sum(-1) * (A - A_bar)) / n_tok
