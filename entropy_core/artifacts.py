@@ -53,7 +53,8 @@ import torch
 __all__ = [
     "ArtifactRef", "ArtifactWriteError", "ArtifactCorruptError", "RunDirectoryConflict",
     "save_artifact", "load_artifact", "artifact_exists", "verify_artifact", "read_sidecar",
-    "hash_file", "hash_directory", "write_json_atomic", "write_run_manifest", "read_run_manifest",
+    "hash_file", "hash_directory", "write_json_atomic", "write_bytes_atomic", "write_run_manifest",
+    "read_run_manifest",
     "RUN_MANIFEST_NAME",
 ]
 
@@ -274,6 +275,18 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None =
     data = json.dumps(_to_json(obj, what=str(path)), indent=indent, allow_nan=False) + "\n"
     _mkdir(path.parent)
     _write_bytes_atomic(path, data.encode("utf-8"))
+    return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` (unique temp name + fsync + rename), creating parent folders; concurrent
+    writers of the same path never share a temp file, and a reader sees a whole file or the old one.
+
+    Raises: ArtifactWriteError on any OSError (the temp file is removed).
+    """
+    path = Path(path)
+    _mkdir(path.parent)
+    _write_bytes_atomic(path, data)
     return path
 
 

@@ -12,7 +12,8 @@ with the same arguments, so both runners give identical numbers for one config:
 
 Reuse: each stage's result is indexed under `<output_dir>/.stage-index/<stage key>.json` (the key is
 `stages.stage_key` of exactly the stage's inputs), so a rerun into the same output_dir recomputes
-only what changed; an indexed artifact that is missing or corrupt is recomputed. Progress and stage
+only what changed; an indexed artifact that is missing or corrupt (its bytes are hashed on every
+lookup) is logged as `artifact_invalid`, recomputed, and noted in results.json's timing. Progress and stage
 times go to a DetailedLogger (`<output_dir>/logs/`) and, when nothing else listens to the
 `entropy_core` logger, to stderr.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import stages
-from .artifacts import ArtifactRef, write_json_atomic
+from .artifacts import ArtifactCorruptError, ArtifactRef, verify_artifact, write_json_atomic
 from .config import MeasureConfig, dump_config
 from .logging import DetailedLogger
 from .precision import apply_global_precision
@@ -73,23 +74,34 @@ class EntropyMeasurements:
         key = stages.stage_key(stage, {k: v for k, v in kwargs.items() if k not in _NOT_KEYED})
         index = self._run.output_dir / ".stage-index" / f"{key}.json"
         with self._log.stage(name) as t:
-            ref = self._lookup(index) if self.reuse else None
+            ref, why = self._lookup(name, index) if self.reuse else (None, None)
             state = "Reused" if ref is not None else "Completed"
             if ref is None:
                 ref = fn(**kwargs)
                 write_json_atomic(index, {"stage": stage, "ref": ref.to_dict()})
-        self.timing[name] = {"seconds": round(t.elapsed_s, 4), "state": state}
+        self.timing[name] = {"seconds": round(t.elapsed_s, 4), "state": state,
+                             **({"recomputed_because": why} if why else {})}
         if state == "Reused":
             self._log.log("stage_reused", stage=name, artifact=ref.path)
         return ref
 
-    @staticmethod
-    def _lookup(index: Path) -> ArtifactRef | None:
+    def _lookup(self, name: str, index: Path) -> tuple[ArtifactRef | None, str | None]:
+        """(the indexed artifact, None) if it verifies; (None, why) if it is missing or corrupt, which is
+        logged and reported in results.json's timing; (None, None) if this stage was never indexed."""
         try:
             ref = ArtifactRef.from_dict(json.loads(index.read_text(encoding="utf-8"))["ref"])
         except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return None
-        return ref if stages.ref_is_valid(ref) else None
+            return None, None
+        try:
+            verify_artifact(ref)                         # hashes the bytes: a flipped bit is caught here
+        except FileNotFoundError:
+            why = f"artifact missing: {ref.path}"
+        except ArtifactCorruptError as e:
+            why = f"artifact corrupt: {e}"
+        else:
+            return ref, None
+        self._log.log("artifact_invalid", "minimal", stage=name, action="recomputing", reason=why)
+        return None, why
 
     def _progress(self, desc: str):
         prog = {}

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .artifacts import ArtifactRef, load_artifact, write_json_atomic
+from .artifacts import ArtifactRef, load_artifact, write_bytes_atomic, write_json_atomic
 
 __all__ = ["RESULTS_NAME", "CSV_NAME", "PLOT_NAME", "ATTR_CSV_NAME", "ATTR_PLOT_NAME", "write_report",
            "build_results", "write_per_sequence_csv", "plot_png", "summary_markdown", "eta_table", "versions",
@@ -72,18 +72,16 @@ def write_per_sequence_csv(path: str | os.PathLike, tensors: Mapping, meta: Mapp
     cols = ["index", "prompt_index", "T", "S", "H"] + [f"logw[eta={eta:g}]" for eta in etas]
     extra = [k for k in ("dS", "dH") if k in tensors]
     cols += extra + ["response"]
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for i, text in enumerate(meta["texts"]):
-            row = [i, int(tensors["prompt_index"][i]), int(tensors["T"][i]), repr(float(tensors["S"][i])),
-                   repr(float(tensors["H"][i]))]
-            row += [repr(float(tensors["logw"][i, j])) for j in range(len(etas))]
-            row += [repr(float(tensors[k][i])) for k in extra]
-            w.writerow(row + [text])
-    os.replace(tmp, path)
-    return Path(path)
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(cols)
+    for i, text in enumerate(meta["texts"]):
+        row = [i, int(tensors["prompt_index"][i]), int(tensors["T"][i]), repr(float(tensors["S"][i])),
+               repr(float(tensors["H"][i]))]
+        row += [repr(float(tensors["logw"][i, j])) for j in range(len(etas))]
+        row += [repr(float(tensors[k][i])) for k in extra]
+        w.writerow(row + [text])
+    return write_bytes_atomic(path, f.getvalue().encode("utf-8"))   # unique temp name: concurrent runs are safe
 
 
 def plot_png(results: Mapping, *, width: float = 5.0, height: float = 3.2, dpi: int = 100) -> bytes:
@@ -150,9 +148,7 @@ def summary_markdown(results: Mapping) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)      # a unique temp name per writer: two runs of one output_dir never collide
 
 
 def write_attribution(attr_ref: ArtifactRef, output_dir: str | os.PathLike) -> dict:
@@ -236,8 +232,5 @@ def write_report(estimates_ref: ArtifactRef, *, output_dir: str | os.PathLike, c
     arts = {**artifacts, "estimates": estimates_ref.path, "per_sequence_csv": str(csv_path),
             "plot": str(out / PLOT_NAME)}
     results = build_results(body, config=config, timing=timing, artifacts=arts, run=run)
-    png = plot_png(results)
-    tmp = out / f".{PLOT_NAME}.tmp"
-    tmp.write_bytes(png)
-    os.replace(tmp, out / PLOT_NAME)
+    _write_atomic(out / PLOT_NAME, plot_png(results))
     return write_json_atomic(out / RESULTS_NAME, results)

@@ -36,10 +36,11 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria,
+                          StoppingCriteriaList)
 
 from .data import Example, compute_rewards
-from .scoring import TokenScores, check_batch, score_tokens
+from .scoring import ScoringError, TokenScores, check_batch, score_tokens
 
 __all__ = ["BatchedSequences", "SequenceProcessor", "DegenerateGroupsError", "PolicyMismatchError"]
 
@@ -192,6 +193,24 @@ class _Row:
     text: str
 
 
+class _FiniteLogits(LogitsProcessor):
+    """Stops sampling at the first step whose logits hold NaN or +inf (or nothing finite) in some row, and
+    names the sequence: torch.multinomial would otherwise fail without saying where, or draw from garbage
+    (DESIGN §2.9). Leaves the scores unchanged, so the sampled policy is untouched."""
+
+    def __init__(self, index: list[int], prompt_len: int):
+        self.index, self.P = index, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | ~torch.isfinite(scores).any(-1)
+        if bad.any():
+            seqs = [self.index[r] for r in bad.nonzero().flatten().tolist()]
+            raise ScoringError(f"non-finite logits while sampling, at response token {input_ids.shape[1] - self.P}, "
+                               f"in {len(seqs)} sequences (first: index {seqs[0]}); the model or its parameters "
+                               "contain NaN/inf (DESIGN §2.9)")
+        return scores
+
+
 class _StopOnText(StoppingCriteria):
     """Finishes a row at the first step whose decoded response contains `stop` (the test `_cut` applies).
 
@@ -302,15 +321,18 @@ class SequenceProcessor:
                 idx = order[a:a + self.batch_size]
                 with torch.random.fork_rng(devices=fork_devices):
                     torch.manual_seed(seed + b)       # generate takes no Generator; the caller's RNG is untouched
-                    for i, row in zip(idx, self._generate_batch([enc[i] for i in idx], device)):
+                    for i, row in zip(idx, self._generate_batch([enc[i] for i in idx], device, index=idx)):
                         rows[i] = row
         finally:
             base.generation_config = saved_gen_cfg
             self.model.train(was_training)
         return rows
 
-    def _generate_batch(self, prompt_ids: list[list[int]], device: torch.device) -> list[_Row]:
+    def _generate_batch(self, prompt_ids: list[list[int]], device: torch.device,
+                        index: list[int] | None = None) -> list[_Row]:
+        """Sample one response per prompt; `index` (default 0..n-1) is each row's sequence index in errors."""
         n, P = len(prompt_ids), max(len(p) for p in prompt_ids)
+        index = list(range(n)) if index is None else list(index)
         ids = torch.full((n, P), self.pad_id, dtype=torch.long)
         am = torch.zeros((n, P), dtype=torch.long)
         for i, p in enumerate(prompt_ids):                  # left padding; generate's positions = cumsum(mask) − 1
@@ -323,7 +345,8 @@ class SequenceProcessor:
             criteria.append(stop_crit)
         cfg = self._generation_config()
         out = self.model.generate(input_ids=ids.to(device), attention_mask=am.to(device), generation_config=cfg,
-                                  stopping_criteria=criteria)
+                                  stopping_criteria=criteria,
+                                  logits_processor=LogitsProcessorList([_FiniteLogits(index, P)]))
         gen = out.sequences[:, P:].cpu()                    # (n, T_gen)
         if len(out.logits) != gen.shape[1] or len(out.scores) != gen.shape[1]:
             raise RuntimeError(f"generate returned {gen.shape[1]} tokens but {len(out.logits)} logits / "
@@ -344,7 +367,7 @@ class SequenceProcessor:
         for i, c in enumerate(cuts):
             lq = logq[i, :c]
             if not torch.isfinite(lq).all():
-                raise PolicyMismatchError(f"non-finite generation-time log-prob in row {i} at tokens "
+                raise PolicyMismatchError(f"non-finite generation-time log-prob in sequence {index[i]} at tokens "
                                           f"{(~torch.isfinite(lq)).nonzero().flatten().tolist()} (DESIGN §2.9)")
             resp = gen[i, :c].tolist()
             rows.append(_Row(prompt_ids[i], resp, lq.clone(), self.tokenizer.decode(resp, skip_special_tokens=True)))

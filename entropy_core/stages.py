@@ -33,6 +33,7 @@ import inspect
 import json
 import math
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,22 +43,24 @@ from typing import Any, TypeVar
 import torch
 from pydantic import BaseModel
 
-from .artifacts import (ArtifactRef, artifact_exists, hash_directory, hash_file, load_artifact, save_artifact,
-                        write_run_manifest)
+from .artifacts import (ArtifactRef, ArtifactWriteError, artifact_exists, hash_directory, hash_file, load_artifact,
+                        save_artifact, write_run_manifest)
+from .checkpoints import resolve_checkpoint_section
 from .config import DEMO_BASE, CheckpointConfig, DataConfig, GenerationConfig, MeasureConfig, UpdateConfig, \
     dump_config
 from .data import get_reward_fn, load_dataset_split
 from .estimators import default_fd_step, entropy_base, ess, linear_estimates, snis_delta
 from .estimators.attribution import attribute, covariance_proxy, spearman
-from .loading import load_adam_optimizer_from_path, load_peft_for_probe
+from .loading import check_checkpoint_files, load_adam_optimizer_from_path, load_peft_for_probe, resolve_base_model
 from .logging import DetailedLogger
 from .report import ATTR_CSV_NAME, ATTR_PLOT_NAME, CSV_NAME, PLOT_NAME, RESULTS_NAME
-from .scoring import TokenScores, score_tokens
+from .scoring import ScoringError, TokenScores, score_tokens
 from .sequences import BatchedSequences, SequenceProcessor
 from .update import UpdateResult, compute_update_vector
 
 __all__ = [
-    "CheckpointRef", "RunDir", "NonFiniteResultError", "prepare_run", "stage_key", "code_version", "derive_seed",
+    "CheckpointRef", "RunDir", "NonFiniteResultError", "prepare_run", "check_inputs", "stage_key", "code_version",
+    "derive_seed",
     "resolve_device", "ref_is_valid", "checkpoint_fingerprint", "demo_checkpoint_dir", "resolve_checkpoint",
     "get_model", "clear_model_cache", "resolve_fd_step", "load_batch", "load_scores", "sample_E", "sample_U",
     "update_vector", "score", "linear", "attribution", "estimate", "RESULTS_NAME", "CSV_NAME", "PLOT_NAME",
@@ -89,10 +92,14 @@ def prepare_run(cfg: MeasureConfig) -> RunDir:
     Removing results.json / the CSV / the plot first means a run that fails leaves no results.json
     (artifacts and caches stay: they are content-addressed and reused).
     Raises: RunDirectoryConflict (a ValueError) when output_dir was made with a config that differs
-            outside RERUN_MAY_CHANGE (both values listed).
+            outside RERUN_MAY_CHANGE (both values listed); ArtifactWriteError (an OSError) naming output_dir
+            when it cannot be created or written.
     """
     out = Path(cfg.output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:                   # under a file, read-only, no space: one message naming the folder
+        raise ArtifactWriteError(out, e) from e
     write_run_manifest(out, dump_config(cfg), allow_changes=RERUN_MAY_CHANGE)
     for name in (RESULTS_NAME, CSV_NAME, PLOT_NAME, ATTR_CSV_NAME, ATTR_PLOT_NAME):
         (out / name).unlink(missing_ok=True)
@@ -288,6 +295,7 @@ def resolve_checkpoint(checkpoint: CheckpointConfig, data: DataConfig, *, log: D
     Raises: FileNotFoundError naming a missing adapter directory, optimizer file or base directory.
     """
     log = log or _NULL_LOG
+    checkpoint = resolve_checkpoint_section(checkpoint)   # checkpoint.dir checked on disk, Trainer/nested layouts
     adapter, optimizer = _checkpoint_paths(checkpoint, data)
     if checkpoint.adapter is None and not (adapter.parent / "demo.json").is_file():
         from .demo import make_demo_checkpoint          # trains a few steps: only when it is missing
@@ -310,6 +318,37 @@ def resolve_checkpoint(checkpoint: CheckpointConfig, data: DataConfig, *, log: D
     ref = CheckpointRef(base=base, adapter=str(adapter), optimizer=str(optimizer), qlora=checkpoint.qlora, sha256=sha)
     log.log("checkpoint", adapter=ref.adapter, optimizer=ref.optimizer, sha256=sha[:12])
     return ref
+
+
+def check_inputs(cfg: MeasureConfig) -> None:
+    """Everything about the inputs that can be checked before any work, so that a bad checkpoint or data set
+    stops the CLI at once (exit 2) with one message naming the file:
+
+    * checkpoint: the base model directory (a local path needs config.json; a Hub id must be cached when
+      offline; the demo name is not resolved, which would convert it), the adapter folder, and optimizer.pt
+      read with torch.load(weights_only=True) and checked against the adapter's tensor count and shapes
+      (`loading.check_checkpoint_files`). A demo checkpoint (adapter null) is built by the first stage.
+    * data: both splits load (file, JSON per line, question/answer per record), split_U holds at least
+      B_U prompts, and the reward resolves (its module imports, the function takes (response_text, gold)).
+
+    What needs the model loaded is checked when a stage loads it: an adapter made for a different base
+    (shape mismatch) and the optimizer's name-by-name mapping fail the first stage that loads the model.
+    Raises: FileNotFoundError, HubUnreachableError (an OSError), CheckpointLayoutError, OptimizerStateError,
+            DatasetError, RewardError, ValueError, each naming the file, split or key.
+    """
+    ck = resolve_checkpoint_section(cfg.checkpoint)       # checkpoint.dir: its layout checked on disk
+    if ck.adapter is not None:
+        if ck.base != DEMO_BASE:
+            resolve_base_model(ck.base)
+        adapter, optimizer = _checkpoint_paths(ck, cfg.data)
+        check_checkpoint_files(adapter, optimizer)
+    data = cfg.data
+    for split in dict.fromkeys((data.split_E, data.split_U)):
+        n = len(_examples(data, split))
+        if split == data.split_U and n < cfg.batches.B_U:
+            raise ValueError(f"batches.B_U={cfg.batches.B_U} distinct prompts are needed, but data.split_U "
+                             f"{split!r} of {data.dataset} has only {n}; lower batches.B_U or use a larger split")
+    _reward_fn(data)
 
 
 # ------------------------------------------------------------------------------------------------ model cache
@@ -503,6 +542,9 @@ def _teacher_force(model, batch: BatchedSequences, v, eta: float, *, temperature
         except torch.cuda.OutOfMemoryError:
             if mb <= 1:
                 raise
+        except ScoringError as e:          # its indices count rows of this slice; E's sequences start at `a`
+            msg = re.sub(r"\bindex (\d+)", lambda m: f"index {a + int(m.group(1))}", str(e))
+            raise ScoringError(f"{'θ pass' if v is None else f'θ+ηv pass at η={eta:g}'}: {msg}") from e
         if ts is None:
             _free_device_memory()
             log.log("oom_retry", "minimal", stage="score", eta=eta, microbatch_size=mb, retry_with=mb // 2)

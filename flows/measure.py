@@ -4,11 +4,14 @@
     python flows/measure.py --config configs/qwen2_5_1_5b.yaml --set estimator.eta_list=[1e-6,2e-6]
     python flows/measure.py --no-prefect                      # the same stages in plain Python
     python flows/measure.py --serve --cron "0 3 * * *"        # a deployment, run from the UI form
-    prefect server start                                      # the UI, http://127.0.0.1:4200
+    prefect server start --host 127.0.0.1                     # the UI, http://127.0.0.1:4200 (local only)
     prefect concurrency-limit create gpu 1                    # at most one GPU stage at a time, server-wide
 
-The last line printed is the path of results.json. A bad config prints its problems and exits with
-status 2 before anything runs; a failed stage exits with status 1 and leaves no results.json.
+The last line printed is the path of results.json. A bad config, checkpoint file (base dir, adapter folder,
+optimizer.pt read weights_only and checked against the adapter), data set, reward or output_dir prints one
+`error:` message naming the key or file and exits with status 2 before anything runs
+(`entropy_core.stages.check_inputs`); a failed stage (e.g. an adapter made for another base, which only
+loading the model reveals; a reward that raises; NaN logits) exits with status 1 and leaves no results.json.
 
 The flow is the order of the stages and nothing else (no tensors here); each stage is one task in
 tasks/ around one function of entropy_core.stages, which EntropyMeasurements (--no-prefect) calls in
@@ -159,13 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides=args.set)
         if not args.serve:
+            stages.check_inputs(cfg)         # checkpoint files, data set, reward: before any work
             stages.prepare_run(cfg)          # refuses an output_dir made with another config, before any work
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, ValueError, OSError) as e:   # OSError: a missing file, an unwritable output_dir
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.serve:
         if not os.environ.get("PREFECT_API_URL"):
-            print("note: schedules need a Prefect server: run `prefect server start` and export "
+            print("note: schedules need a Prefect server: run `prefect server start --host 127.0.0.1` and export "
                   "PREFECT_API_URL=http://127.0.0.1:4200/api first", file=sys.stderr)
         measure.serve(name=args.name, cron=args.cron, parameters={"cfg": cfg.model_dump(mode="json")},
                       description="ΔH(η) of one simulated Dr.GRPO + AdamW step; the form is MeasureConfig.")
