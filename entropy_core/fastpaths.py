@@ -15,13 +15,16 @@ vary (prompts of 20-120 tokens, responses of 5-150). Here:
    every real token (left padding adds 0 to the cumsum), so RoPE rotates by the same positions;
    causal attention from a real token covers exactly the same real keys; pad keys get weight
    exactly 0 either way. What changes is only the summation order inside matmuls and softmaxes.
-   Measured on a tiny random Qwen2 (transformers 5.24, CPU): 2e-16 relative in float64 and 2e-8
-   in float32 for S_{i,k}; tests/test_fastpaths.py pins 1e-12 (float64) and 1e-6 (float32).
-   The packed layout has right padding only, so no attention row is fully masked.
+   Measured against one padded sequence at a time (tiny random Qwen2, transformers 5.24, CPU):
+   ≤ 4e-16 relative in float64 for S, H and the update vector, ≤ 2e-14 for first and second
+   directional derivatives; ≤ 1.3e-8 in float32 for S. tests/test_fastpaths.py pins 1e-12 (float64)
+   and 1e-6 (float32). The packed layout has right padding only, so no attention row is fully masked.
 3. Sizing: `microbatch_size="auto"` derives a token budget from free CUDA memory (an estimate from
    the model's config, with a safety fraction) or uses a fixed CPU budget.
 
-All helpers here are pure index arithmetic on CPU tensors; `scoring` and `update` call the model.
+Not done: computing a shared prompt once for the G responses of a U group (KV reuse); see
+benchmarks/README.md. Apart from the CUDA memory query, everything here is index arithmetic on CPU
+tensors; `scoring` and `update` call the model.
 """
 from __future__ import annotations
 
@@ -137,7 +140,13 @@ def auto_token_budget(model: torch.nn.Module, *, width: int, mode: str = "score"
         return max(CPU_TOKEN_BUDGET, width)
     free, _ = torch.cuda.mem_get_info(p.device)
     free += torch.cuda.memory_reserved(p.device) - torch.cuda.memory_allocated(p.device)
-    free -= 4 * _STREAMS[mode] * HEAD_CHUNK_ELEMENTS * 8                   # float64 head temporaries, fixed
+    return budget_from_free_memory(model, free, width=width, mode=mode, memory_fraction=memory_fraction)
+
+
+def budget_from_free_memory(model: torch.nn.Module, free_bytes: int, *, width: int, mode: str = "score",
+                            memory_fraction: float = AUTO_MEMORY_FRACTION) -> int:
+    """memory_fraction × (free_bytes − the fixed float64 head temporaries) / bytes_per_token, ≥ width."""
+    free = free_bytes - 4 * _STREAMS[mode] * HEAD_CHUNK_ELEMENTS * 8       # float64 head temporaries, fixed
     return max(width, int(memory_fraction * max(free, 0) / bytes_per_token(model, width=width, mode=mode)))
 
 
@@ -188,5 +197,6 @@ def padding_stats(attention_mask: torch.Tensor, plan: list[Microbatch]) -> dict:
             "microbatches": len(plan)}
 
 
-__all__ = ["Microbatch", "MicrobatchingError", "plan_microbatches", "auto_token_budget", "bytes_per_token",
+__all__ = ["Microbatch", "MicrobatchingError", "plan_microbatches", "auto_token_budget", "budget_from_free_memory",
+           "bytes_per_token",
            "resolve_microbatching", "real_spans", "padding_stats", "CPU_TOKEN_BUDGET", "HEAD_CHUNK_ELEMENTS"]

@@ -9,7 +9,8 @@ import torch
 
 from entropy_core.estimators import linear_estimates, snis_delta, true_delta
 from entropy_core.estimators.linear import curvature_exact, slope_exact
-from entropy_core.fastpaths import (CPU_TOKEN_BUDGET, MicrobatchingError, auto_token_budget, bytes_per_token,
+from entropy_core.fastpaths import (CPU_TOKEN_BUDGET, MicrobatchingError, auto_token_budget, budget_from_free_memory,
+                                    bytes_per_token,
                                     padding_stats, plan_microbatches, real_spans,
                                     resolve_microbatching)
 from entropy_core.params import get_trainable_named
@@ -135,6 +136,10 @@ def test_auto_budget_on_cpu_and_memory_model(models):
     per = {mode: bytes_per_token(m, width=64, mode=mode) for mode in ("score", "jvp", "jvp2", "grad")}
     assert per["score"] < per["jvp"] < per["jvp2"] and per["score"] < per["grad"]
     assert bytes_per_token(models[torch.float64], width=64) == 2 * per["score"]
+    gib = 2 ** 30                                                              # the CUDA branch's arithmetic
+    b40 = budget_from_free_memory(m, 40 * gib, width=64, mode="grad")
+    assert b40 > budget_from_free_memory(m, 20 * gib, width=64, mode="grad") > 64
+    assert budget_from_free_memory(m, 0, width=64) == 64                       # nothing free: one row
 
 
 # -- chunked float64 head --------------------------------------------------------------------------------
@@ -268,9 +273,9 @@ def test_generation_batches_are_length_sorted(monkeypatch):
     seen = []
     real = proc._generate_batch
 
-    def spy(prompt_ids, device):
+    def spy(prompt_ids, *args, **kwargs):
         seen.append([len(p) for p in prompt_ids])
-        return real(prompt_ids, device)
+        return real(prompt_ids, *args, **kwargs)
 
     monkeypatch.setattr(proc, "_generate_batch", spy)
     prompts = ["Tom has 3 apples" * k for k in (5, 1, 3, 2, 6, 1, 4)]
@@ -278,3 +283,18 @@ def test_generation_batches_are_length_sorted(monkeypatch):
     flat = [n for s in seen for n in s]
     assert flat == sorted(flat) and [len(s) for s in seen] == [3, 3, 1]
     assert batch.prompts == prompts                                          # rows back in the caller's order
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_auto_microbatching_equals_one_at_a_time(dtype):
+    """On a GPU: "auto" sizes from free device memory; results still equal the straightforward path."""
+    m, b = make_lora_model(64, dtype=dtype).cuda(), mixed_batch()
+    v = direction(m)
+    args = (b["input_ids"], b["attention_mask"], b["response_mask"])
+    ref = score_one_at_a_time(m, *args)
+    ts = score_tokens(m, *args, microbatch_size="auto")
+    assert_rel(ts.S, ref.S, REL_TOL[dtype], "S cuda auto")
+    assert_rel(ts.H, ref.H, REL_TOL[dtype], "H cuda auto")
+    jr, js = jvp_one_at_a_time(m, *args, v), jvp_scores(m, *args, v, microbatch_size="auto")
+    assert_rel(js.dS, jr.dS, REL_TOL[dtype], "dS cuda auto")
