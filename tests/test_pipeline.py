@@ -195,6 +195,11 @@ def test_flow_and_entropy_measurements_agree(first, tmp_path):
     flat_flow, flat_plain = _flat(numbers(r_flow)), _flat(numbers(r_plain))
     assert flat_flow.keys() == flat_plain.keys()
     for key, a in flat_flow.items():    # same stages, same arguments, same process type: round-off at most
+        if key.endswith("proposal_logq_max_abs_diff"):
+            # max |S(θ) − logq| between teacher forcing and generate is itself float32 round-off (~1e-8),
+            # so it differs between processes with other thread counts; check it stays round-off.
+            assert a < 1e-5 and flat_plain[key] < 1e-5, key
+            continue
         assert flat_plain[key] == pytest.approx(a, rel=1e-9, abs=1e-15), key
 
 
