@@ -45,8 +45,7 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-from .estimators.linear import (LinearResult, curvature_exact, finite_difference, slope_exact,
-                                slope_variance_reduced)
+from .estimators.linear import LinearResult, linear_from_passes
 from .estimators.true_delta import TrueDeltaResult, batch_tensors, entropy_base, ess, log_proposal_ratio, snis_delta
 from .params import get_optimizer_named_params
 from .scoring import TokenScores, check_batch, jvp_scores, score_tokens
@@ -344,20 +343,13 @@ def distributed_linear_estimates(model: torch.nn.Module, batch, v: Mapping[str, 
     n = None if index is None else int(all_reduce_sum({"n": torch.tensor(float(len(index)))})["n"])
     logq, groups = _full_per_sequence(logq, index, n), _full_per_sequence(groups, index, n)
     js = distributed_jvp_scores(model, batch, v, order=2 if quadratic else 1, **kw)
-    st = js.per_sequence()
-    out = LinearResult(slope_exact=slope_exact(st, logq=logq, groups=groups), scores=js)
-    if variance_reduced:
-        out.slope_vr = slope_variance_reduced(js, logq=logq, groups=groups)
-    if quadratic:
-        out.curvature = curvature_exact(st, logq=logq, groups=groups)
+    fd = None
     if fd_step is not None:
-        base = (base_scores if base_scores is not None else distributed_score_tokens(model, batch, **kw)
-                ).per_sequence()
-        plus, minus = (distributed_score_tokens(model, batch, v=v, eta=s * fd_step, **kw).per_sequence()
-                       for s in (1, -1))
-        out.slope_fd, out.curvature_fd = finite_difference(base, plus, minus, fd_step, logq=logq, groups=groups)
-        out.fd_step = fd_step
-    return out
+        base = base_scores if base_scores is not None else distributed_score_tokens(model, batch, **kw)
+        plus, minus = (distributed_score_tokens(model, batch, v=v, eta=s * fd_step, **kw) for s in (1, -1))
+        fd = (base, plus, minus, fd_step)
+    return linear_from_passes(js, fd, quadratic=quadratic, variance_reduced=variance_reduced, logq=logq,
+                              groups=groups)
 
 
 # ------------------------------------------------------------------------------------------------ U

@@ -129,17 +129,29 @@ def linear_estimates(model: torch.nn.Module, batch, v: Mapping[str, torch.Tensor
     ids, am, rm = batch_tensors(batch)
     js = jvp_scores(model, ids, am, rm, v, order=2 if quadratic else 1, temperature=temperature,
                     microbatch_size=microbatch_size)
+    fd = None
+    if fd_step is not None:
+        base = base_scores or score_tokens(model, ids, am, rm, temperature=temperature, microbatch_size=microbatch_size)
+        plus, minus = (score_tokens(model, ids, am, rm, v=v, eta=s * fd_step, temperature=temperature,
+                                    microbatch_size=microbatch_size) for s in (1, -1))
+        fd = (base, plus, minus, fd_step)
+    return linear_from_passes(js, fd, quadratic=quadratic, variance_reduced=variance_reduced, logq=logq,
+                              groups=groups)
+
+
+def linear_from_passes(js: TokenScores, fd: tuple | None, *, quadratic: bool, variance_reduced: bool,
+                       logq: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> LinearResult:
+    """The estimates of `linear_estimates` from passes already scored (by one process or gathered
+    across ranks): the JVP pass `js`, and `fd` = (θ, θ+h v, θ−h v scores, h) or None."""
     st = js.per_sequence()
     out = LinearResult(slope_exact=slope_exact(st, logq=logq, groups=groups), scores=js)
     if variance_reduced:
         out.slope_vr = slope_variance_reduced(js, logq=logq, groups=groups)
     if quadratic:
         out.curvature = curvature_exact(st, logq=logq, groups=groups)
-    if fd_step is not None:
-        base = (base_scores or score_tokens(model, ids, am, rm, temperature=temperature,
-                                            microbatch_size=microbatch_size)).per_sequence()
-        plus, minus = (score_tokens(model, ids, am, rm, v=v, eta=s * fd_step, temperature=temperature,
-                                    microbatch_size=microbatch_size).per_sequence() for s in (1, -1))
-        out.slope_fd, out.curvature_fd = finite_difference(base, plus, minus, fd_step, logq=logq, groups=groups)
-        out.fd_step = fd_step
+    if fd is not None:
+        base, plus, minus, h = fd
+        out.slope_fd, out.curvature_fd = finite_difference(base.per_sequence(), plus.per_sequence(),
+                                                           minus.per_sequence(), h, logq=logq, groups=groups)
+        out.fd_step = h
     return out
