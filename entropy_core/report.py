@@ -37,7 +37,7 @@ from .artifacts import ArtifactRef, load_artifact, write_bytes_atomic, write_jso
 
 __all__ = ["RESULTS_NAME", "CSV_NAME", "PLOT_NAME", "ATTR_CSV_NAME", "ATTR_PLOT_NAME", "write_report",
            "build_results", "write_per_sequence_csv", "plot_png", "summary_markdown", "eta_table", "versions",
-           "write_attribution", "attribution_png", "attribution_markdown"]
+           "write_attribution", "attribution_png", "attribution_markdown", "figure_png"]
 
 RESULTS_NAME, CSV_NAME, PLOT_NAME = "results.json", "per_sequence.csv", "delta_h.png"
 ATTR_CSV_NAME, ATTR_PLOT_NAME = "attribution.csv", "attribution.png"
@@ -84,6 +84,14 @@ def write_per_sequence_csv(path: str | os.PathLike, tensors: Mapping, meta: Mapp
     return write_bytes_atomic(path, f.getvalue().encode("utf-8"))   # unique temp name: concurrent runs are safe
 
 
+def figure_png(fig) -> bytes:
+    """A laid-out matplotlib figure as PNG bytes (the caller closes it)."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def plot_png(results: Mapping, *, width: float = 5.0, height: float = 3.2, dpi: int = 100) -> bytes:
     """PNG of ΔĤ(η) with ±1.96 se bars, and the linear and quadratic predictions when present."""
     import matplotlib
@@ -110,10 +118,7 @@ def plot_png(results: Mapping, *, width: float = 5.0, height: float = 3.2, dpi: 
         ax.set_ylabel("ΔĤ (nats / token)")
         ax.ticklabel_format(axis="both", style="sci", scilimits=(-3, 3))
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
+        return figure_png(fig)
     finally:
         plt.close(fig)
 
@@ -196,10 +201,7 @@ def attribution_png(cols: Mapping, *, dpi: int = 100) -> bytes:
         axes[2].set_ylabel("cumulative share of Σ c_i")
         for ax in axes:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
+        return figure_png(fig)
     finally:
         plt.close(fig)
 

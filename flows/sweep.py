@@ -52,7 +52,6 @@ import argparse  # noqa: E402
 import base64  # noqa: E402
 import csv  # noqa: E402
 import hashlib  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -62,7 +61,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
-from entropy_core import stages  # noqa: E402
+from entropy_core import report, stages  # noqa: E402
 from entropy_core.artifacts import write_json_atomic  # noqa: E402
 from entropy_core.checkpoints import list_run_checkpoints, resolve_trainer_checkpoint  # noqa: E402
 from entropy_core.config import ConfigError, MeasureConfig, config_from_dict, dump_config, load_config  # noqa: E402
@@ -246,10 +245,7 @@ def plot_png(rows: list[dict], *, dpi: int = 100) -> bytes:
             ax.set_xticks(x, [r["label"] for r in rows], rotation=30, ha="right", fontsize=7)
         for a in axes:
             a.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
+        return report.figure_png(fig)
     finally:
         plt.close(fig)
 
