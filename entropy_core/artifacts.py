@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import safetensors.torch
+from safetensors.torch import load as load_safetensors_bytes   # safetensors, never pickle
 import torch
 
 __all__ = [
@@ -499,7 +500,7 @@ def load_artifact(ref: ArtifactRef) -> tuple[dict[str, torch.Tensor], dict[str, 
     data = _read(ref)
     _check_hash(ref, hashlib.sha256(data).hexdigest())
     sidecar = _check_sidecar(ref, _header_descriptor(data, ref))
-    return safetensors.torch.load(data), sidecar["meta"]
+    return load_safetensors_bytes(data), sidecar["meta"]
 
 
 def verify_artifact(ref: ArtifactRef) -> None:
