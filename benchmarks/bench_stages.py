@@ -98,6 +98,7 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2      # special ids of the random-model word-lev
 GSM8K_R1_PROMPT_QUANTILES = ((0.0, 101), (0.1, 125), (0.5, 144), (0.9, 177), (0.99, 218), (1.0, 283))
 FLOP_MULT = {"forward": 1, "grad": 2, "jvp": 2, "jvp2": 4}
 ETA = 1e-3                            # one η pass; the value does not change the cost
+N_ETA = 5                             # η passes in the whole-measurement total (issue 6: 5 η)
 
 
 def log(msg: str) -> None:
@@ -286,7 +287,23 @@ class Bench:
 
     def result(self) -> dict:
         return dict(meta=self.meta, matmul_ceiling_tflops=self.ceiling, stages=self.rows,
-                    fast_vs_straightforward=self.comparison)
+                    fast_vs_straightforward=self.comparison, whole_measurement=self.whole_measurement())
+
+    def whole_measurement(self) -> dict | None:
+        """The pipeline's composition at the target scale (DESIGN §1): sampling E and U, the update vector,
+        the θ pass, N_ETA η passes, one nested JVP (it yields the exact slope and the curvature; the
+        pipeline runs no separate first-order JVP) and the two ±h passes of the finite differences.
+        None until every one of those stages has a time."""
+        t = {r["stage"]: r.get("extrapolated_seconds") or r["seconds"] for r in self.rows if "seconds" in r}
+        need = ("sample_E", "sample_U", "update_vector", "theta_pass", "eta_pass", "jvp2_curvature")
+        if any(k not in t for k in need):
+            return None
+        parts = dict(sampling=t["sample_E"] + t["sample_U"], update_vector=t["update_vector"],
+                     theta_pass=t["theta_pass"], eta_passes=N_ETA * t["eta_pass"],
+                     slope_and_curvature=t["jvp2_curvature"], finite_difference=2 * t["eta_pass"])
+        return dict(seconds=sum(parts.values()), parts=parts, n_eta=N_ETA,
+                    note="stage times at the target B_E, B_U (extrapolated where measured on a subset); "
+                         "model load and process start not included")
 
     def save(self) -> None:
         """Rewrite the JSON after every stage, so a run cut short still leaves what it measured."""
@@ -666,6 +683,11 @@ def print_table(result: dict) -> None:
             cpu = f" (CPU time: {c['speedup_cpu_time']:.2f}x)" if "speedup_cpu_time" in c else ""
             print(f"  {k:8s} {c['rows']:4d} rows: straightforward {c['straightforward_s']:.3f} s, fast {c['fast_s']:.3f} s,"
                   f" speedup {c['speedup']:.2f}x{cpu}, max rel diff {c['max_rel_diff']:.1e}")
+    w = result["whole_measurement"]
+    if w:
+        print(f"\nwhole measurement at B_E={m['target_B_E'] or m['B_E']}, B_U={m['target_B_U'] or m['B_U']}x{m['G']} "
+              f"({w['n_eta']} η, slope + curvature, ±h): {w['seconds']:.0f} s = "
+              + ", ".join(f"{k} {v:.0f}" for k, v in w["parts"].items()))
 
 
 if __name__ == "__main__":
