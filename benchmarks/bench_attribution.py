@@ -1,13 +1,20 @@
 """Cost of per-sequence attribution (DESIGN §1.6) in forward-pass equivalents, against the per-sequence
 approach (one gradient per U sequence), side by side on one small random model in one run.
 
-    python benchmarks/bench_attribution.py                 # writes benchmarks/results/attribution-<time>.json
+    .venv/bin/python benchmarks/bench_attribution.py      # writes benchmarks/results/attribution-<time>.json
 
-A forward-pass equivalent is the wall time of one no-grad teacher-forced pass over the same batch
-(E for the E side, U for the U side), measured in the same process. Median of `--repeats` runs.
-The per-sequence approach makes B_U·G backward passes of one sequence each and holds B_U·G gradient
-vectors (at the seed's scale, 512 × 73.9M float64 ≈ 300 GB); on a 2-core CPU its time is FLOP-bound and
-so close to one batched pass, on a GPU it is bound by the number of passes.
+A forward-pass equivalent is the time of one no-grad teacher-forced pass over the same batch (E for
+the E side, U for the U side; `score_tokens`, the fast path), measured in the same process. Times are
+this process's CPU time with one thread (immune to other processes on a shared machine), median of
+`--repeats` runs after a warm-up; wall times are kept in the JSON. Rows:
+  exact          point estimate of the exact column alone: 1 forward + 1 backward over E, 1 direction over U
+  exact+vr       both columns: 1 forward + 2 backwards over E; over U one forward + one backward (LoRA
+                 weights are Linear weights: `_directional_S_reverse`), any number of directions
+  exact+vr+se    both columns with K-group error bars: 3 backwards over E, 2K + 1 directions in the same U pass
+  exact+vr/fwd   both columns, U by the general forward-mode pass (one jvp, 2 tangents vmapped)
+  per_sequence   B_U·G backward passes of one sequence each, then ⟨u, v_i⟩; holds B_U·G gradient vectors
+                 (at the seed's scale, 512 × 73.9M float64 ≈ 300 GB). On a CPU its time is FLOP-bound
+                 and so close to one batched pass; on a GPU it is bound by the number of passes.
 """
 from __future__ import annotations
 
@@ -31,30 +38,41 @@ from tiny import add_lora, make_base_model, random_batch  # noqa: E402
 
 
 def timed(fn, repeats):
-    times, out = [], None
+    """(median CPU seconds, median wall seconds, last result) after one warm-up call."""
+    out = fn()
+    cpu, wall = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, w0 = time.process_time(), time.perf_counter()
         out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return statistics.median(cpu), statistics.median(wall), out
+
+
+def rel_diff(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x - ref).abs().max() / ref.abs().max())
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=2000)
-    ap.add_argument("--B-E", type=int, default=32)
-    ap.add_argument("--B-U", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=384)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--vocab", type=int, default=4000)
+    ap.add_argument("--B-E", type=int, default=16)
+    ap.add_argument("--B-U", type=int, default=4)
     ap.add_argument("--G", type=int, default=4)
+    ap.add_argument("--groups", type=int, default=4, help="K groups of E for the error bars")
+    ap.add_argument("--microbatch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = add_lora(make_base_model(a.vocab, hidden=a.hidden, layers=a.layers, dtype=torch.float32),
                      r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
     params = list(get_trainable_named(model).values())
-    n_u = a.B_U * a.G
+    n_u, mb = a.B_U * a.G, a.microbatch
     u = random_batch(a.vocab, n_u, [20, 40, 30], [30, 60, 45, 50], seed=1)
     u["group"] = torch.arange(n_u) // a.G
     u["advantages"] = torch.randn(n_u, dtype=torch.float64)
@@ -66,43 +84,63 @@ def main(argv=None):
         sum(p.pow(2).sum() for p in params).backward()
         opt.step()
     opt.zero_grad()
-    upd = compute_update_vector(model, opt, u, microbatch_size=8)
+    upd = compute_update_vector(model, opt, u, microbatch_size=mb)
     E = (e["input_ids"], e["attention_mask"], e["response_mask"])
     U = (u["input_ids"], u["attention_mask"], u["response_mask"])
-    t_e, theta = timed(lambda: score_tokens(model, *E, microbatch_size=8), a.repeats)
-    t_u, _ = timed(lambda: score_tokens(model, *U, microbatch_size=8), a.repeats)
+    t_e, w_e, theta = timed(lambda: score_tokens(model, *E, microbatch_size=mb), a.repeats)
+    t_u, w_u, _ = timed(lambda: score_tokens(model, *U, microbatch_size=mb), a.repeats)
     coef = drgrpo_coefficients(u["advantages"], u["group"], u["response_mask"].sum(-1))
-    rows = {}
-    for name, vr in (("exact", False), ("exact+vr", True)):
-        t_es, (uk, zk, *_rest) = timed(lambda: surrogate_gradients(model, e, theta, groups=0, variance_reduced=vr,
-                                                                   microbatch_size=8), a.repeats)
-        dirs = uk + (zk or [])
-        t_us, _ = timed(lambda: _shares(model, u, upd, dirs, coef, 1.0, 8), a.repeats)
-        rows[name] = {"E_seconds": t_es, "U_seconds": t_us, "E_forward_equivalents": t_es / t_e,
-                      "U_forward_equivalents": t_us / t_u}
-    # the per-sequence approach: one backward per U sequence for v_i, then ⟨u, v_i⟩
-    t_ps, res = timed(lambda: compute_update_vector(model, opt, u, components=True), a.repeats)
-    g = {n: sum(x[n] for x in uk) for n in uk[0]}
-    c_ps = torch.tensor([float(dot_named(g, {n: res.per_sequence[n][i] for n in g})) for i in range(n_u)])
-    c_fast = _shares(model, u, upd, uk, coef, 1.0, 8)[0]
     n_params = sum(p.numel() for p in params)
-    rows["per_sequence"] = {"U_seconds": t_ps, "U_forward_equivalents": t_ps / t_u, "U_passes": n_u,
-                            "gradient_memory_bytes": n_u * n_params * 8,
-                            "max_rel_diff_vs_two_pass": float((c_fast - c_ps).abs().max() / c_ps.abs().max())}
-    for name, vr in (("exact", False), ("exact+vr", True)):
-        rows[name].update(E_passes=1 + int(vr), U_passes=1 + int(vr), gradient_memory_bytes=(1 + int(vr)) * n_params * 8)
-    out = {"model": {"hidden": a.hidden, "layers": a.layers, "vocab": a.vocab,
-                     "trainable": sum(p.numel() for p in params)},
-           "batches": {"B_E": a.B_E, "B_U": a.B_U, "G": a.G}, "forward_seconds": {"E": t_e, "U": t_u},
-           "attribution": rows, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    def shares(dirs, mode="auto"):
+        return lambda: _shares(model, u, upd, dirs, coef, 1.0, mb, mode)
+
+    rows, grads, c = {}, {}, {}
+    for name, vr, K in (("exact", False, 0), ("exact+vr", True, 0), ("exact+vr+se", True, a.groups)):
+        t_es, w_es, (uk, zk, y, *_r) = timed(lambda: surrogate_gradients(model, e, theta, groups=K, variance_reduced=vr,
+                                                                         microbatch_size=mb), a.repeats)
+        grads[name] = uk + (zk or []) + ([y] if K else [])
+        t_us, w_us, c[name] = timed(shares(grads[name]), a.repeats)
+        rows[name] = {"E_seconds": t_es, "U_seconds": t_us, "E_wall_seconds": w_es, "U_wall_seconds": w_us,
+                      "E_forward_equivalents": t_es / t_e, "U_forward_equivalents": t_us / t_u,
+                      "E_forward_passes": 1, "E_backward_passes": 1 + int(vr) + int(K > 0),
+                      "U_forward_passes": 1, "U_backward_passes": 1, "U_directions": len(grads[name]),
+                      "gradient_memory_bytes": len(grads[name]) * n_params * 8}
+    # both columns by the general forward-mode pass over U (any trainable parameters)
+    t_fm, w_fm, fm = timed(shares(grads["exact+vr"], "forward"), a.repeats)
+    rows["exact+vr/fwd"] = dict(rows["exact+vr"], U_seconds=t_fm, U_wall_seconds=w_fm, U_forward_equivalents=t_fm / t_u,
+                                U_backward_passes=0, U_forward_mode_passes=1, U_tangents=2)
+    # the per-sequence approach: one backward per U sequence for v_i, then ⟨u, v_i⟩
+    t_ps, w_ps, res = timed(lambda: compute_update_vector(model, opt, u, microbatch_size=mb, components=True),
+                            a.repeats)
+    g = grads["exact"][0]
+    c_ps = torch.tensor([float(dot_named(g, {n: res.per_sequence[n][i] for n in g})) for i in range(n_u)])
+    rows["per_sequence"] = {"U_seconds": t_ps, "U_wall_seconds": w_ps, "U_forward_equivalents": t_ps / t_u,
+                            "U_forward_passes": n_u, "U_backward_passes": n_u,
+                            "gradient_memory_bytes": n_u * n_params * 8}
+    K = len(grads["exact+vr+se"]) // 2
+    checks = {"per_sequence_vs_one_pass": rel_diff(c["exact"][0], c_ps),
+              "forward_mode_vs_reverse": rel_diff(fm, c["exact+vr"]),
+              "error_bar_run_vs_point_run": rel_diff(torch.stack([c["exact+vr+se"][:K].sum(0),
+                                                                  c["exact+vr+se"][K:2 * K].sum(0)]), c["exact+vr"])}
+    out = {"model": {"hidden": a.hidden, "layers": a.layers, "vocab": a.vocab, "trainable": n_params,
+                     "dtype": "float32"},
+           "batches": {"B_E": a.B_E, "B_U": a.B_U, "G": a.G, "groups": a.groups, "microbatch": mb},
+           "forward_seconds": {"E": t_e, "U": t_u, "E_wall": w_e, "U_wall": w_u},
+           "attribution": rows, "max_rel_diff": checks, "clock": "process CPU time, median",
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": a.repeats,
+           "command": " ".join(["python benchmarks/bench_attribution.py",
+                                *(argv if argv is not None else sys.argv[1:])])}
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"attribution-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(out, indent=2))
-    print(f"{'path':<14}{'E fwd-eq':>10}{'U fwd-eq':>10}{'U passes':>10}{'grad MB':>10}")
+    print(f"{'path':<14}{'E fwd-eq':>9}{'U fwd-eq':>9}{'E fwd+bwd':>10}{'U fwd+bwd+jvp':>14}{'dirs':>5}{'grad MB':>8}")
     for k, r in rows.items():
-        print(f"{k:<14}{r.get('E_forward_equivalents', float('nan')):>10.2f}{r['U_forward_equivalents']:>10.2f}"
-              f"{r['U_passes']:>10}{r['gradient_memory_bytes'] / 2**20:>10.1f}")
-    print(f"per-sequence vs two-pass shares: max relative difference {rows['per_sequence']['max_rel_diff_vs_two_pass']:.1e}")
+        u_passes = f"{r.get('U_forward_passes', 0)}+{r['U_backward_passes']}+{r.get('U_forward_mode_passes', 0)}"
+        print(f"{k:<14}{r.get('E_forward_equivalents', float('nan')):>9.2f}{r['U_forward_equivalents']:>9.2f}"
+              f"{str(r.get('E_forward_passes', 0)) + '+' + str(r.get('E_backward_passes', 0)):>10}{u_passes:>14}"
+              f"{r.get('U_directions', n_u):>5}{r['gradient_memory_bytes'] / 2**20:>8.1f}")
+    print("max relative differences: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
     print(path)
 
 

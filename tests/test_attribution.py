@@ -4,14 +4,15 @@ import pytest
 import torch
 
 from entropy_core.estimators import linear_estimates
-from entropy_core.estimators.attribution import attribute
+from entropy_core.estimators.attribution import _shares, attribute, surrogate_gradients
 from entropy_core.params import dot_named, get_trainable_named
 from entropy_core.scoring import position_ids_from_mask, score_tokens, token_logprobs_entropy
-from entropy_core.update import compute_update_vector
+from entropy_core.update import compute_update_vector, drgrpo_coefficients
 from test_update import stepped
 from tiny import random_batch
 
 EXACT_RTOL = 1e-9       # issue 7: sums and brute-force shares, float64
+SAME_RTOL = 1e-12      # one shared pass vs columns computed alone: round-off of summation order
 FD_RTOL = 1e-6          # issue 7: finite-difference slope along v_i alone
 H = 3e-6                # central-difference step along the full v (see test_linear), scaled by |v| / |v_i|
 
@@ -87,7 +88,32 @@ def test_point_estimates_without_error_bars_are_the_same(setup):
     m, upd, u, e, theta, res = setup
     cheap = attribute(m, e, u, upd, theta, v_base=upd.base, groups=0, variance_reduced=False)
     torch.testing.assert_close(cheap.c, res.c, rtol=1e-10, atol=0)
-    assert torch.isnan(cheap.c_se).all() and cheap.passes == {"e_backward": 1, "u_tangents": 1}
+    assert torch.isnan(cheap.c_se).all()
+    assert cheap.passes == {"e_forward": 1, "e_backward": 1, "u_pass": "reverse", "u_directions": 1}
+
+
+def test_one_pass_equals_each_column_computed_separately(setup):
+    """Both columns from one forward over E (a backward per surrogate) and one pass over U (all
+    directions at once) equal each column computed alone; the error-bar run (9 directions in one pass)
+    gives the same point estimates; and the reverse U pass (Linear weights) equals the forward-mode one
+    (both tangents vmapped on one primal), computed independently."""
+    m, upd, u, e, theta, res = setup
+    both = attribute(m, e, u, upd, theta, v_base=upd.base, groups=0, microbatch_size=5)
+    exact = attribute(m, e, u, upd, theta, v_base=upd.base, groups=0, variance_reduced=False, microbatch_size=5)
+    uk, zk, *_ = surrogate_gradients(m, e, theta, groups=0, microbatch_size=5)
+    a = drgrpo_coefficients(u["advantages"], u["group"], u["response_mask"].sum(-1))
+    vr = _shares(m, u, upd, zk, a, 1.0, 5)[0]                       # the vr direction in a pass of its own
+    fwd = _shares(m, u, upd, uk + zk, a, 1.0, 5, mode="forward")    # (2, N_U), one jvp, two tangents
+
+    def rel(x, ref):
+        return float((x - ref).abs().max() / ref.abs().max())
+
+    for name, x, ref in (("c", both.c, exact.c), ("c_vr", both.c_vr, vr), ("c, groups", res.c, both.c),
+                         ("c_vr, groups", res.c_vr, both.c_vr), ("c, forward mode", fwd[0], both.c),
+                         ("c_vr, forward mode", fwd[1], both.c_vr)):
+        assert rel(x, ref) <= SAME_RTOL, f"{name}: {rel(x, ref):.1e}"
+    assert both.passes == {"e_forward": 1, "e_backward": 2, "u_pass": "reverse", "u_directions": 2}
+    assert res.passes == {"e_forward": 1, "e_backward": 3, "u_pass": "reverse", "u_directions": 9}
 
 
 def test_attribution_stage_in_a_measurement(tmp_path):

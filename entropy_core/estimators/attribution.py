@@ -3,16 +3,22 @@
 DESIGN §1.6. In the linear regime ΔĤ ≈ η (⟨∇Ĥ, v_base⟩ + Σ_i c_i). With v_i = P ⊙ g_i,
 P = −(1−β₁)/((1−β₁ᵗ) den) and g_i = a_i ∇S_i (a_i the Dr.GRPO coefficient of sequence i),
     c_i = ⟨u, P ⊙ a_i ∇S_i⟩ = a_i · D_{P⊙u} S_i,
-so every c_i comes from ONE reverse pass over E (u = ∇Ĥ through the exact-derivative surrogate)
-and ONE forward-mode pass over U along P ⊙ u, instead of one gradient per U sequence.
+so every c_i comes from a reverse pass over E (u = ∇Ĥ through the exact-derivative surrogate)
+and one pass over U giving D_{P⊙u} S_i for all i at once, instead of one gradient per U sequence.
 
 The surrogate, with ω_j the proposal ratio, D = Σ ω T and H̄ = Σ ω H / D (coefficients detached):
     exact:  L = Σ_j ω_j [H_j + (H_j − H̄ T_j) S_j] / D                     (∇L = ∇Ĥ, DESIGN §1.3)
     vr:     L = Σ_j ω_j [H_j + Σ_k (R_{j,k} − c_k) S_{j,k}] / D              (DESIGN §1.4)
+Both columns share the work. Over E: ONE forward feeds one backward per surrogate (the graph is kept
+for the second). Over U: with LoRA every direction lives on nn.Linear weights, and ONE forward + ONE
+backward of Σ_i S_i give every row's gradient at every Linear output, from which D_d S_i follows for
+any number of directions d by small einsums (`_directional_S_reverse`); other parameters fall back to
+ONE forward-mode pass with the directions as a batch of tangents on one primal (vmap over one jvp).
 Standard errors with respect to E: E is split into K groups and the per-group pieces u_k of u are
 kept (same reverse pass, accumulated per group). A K-group delta-method jackknife of the whole ratio
 then needs the K directions P ⊙ u_k over U (and one more, Y = ∇ Σ ω T S, for the ratio's
-denominator), so error bars cost K + 1 extra tangents over U (2K + 1 with the vr column).
+denominator, one more backward over E): K + 1 directions (2K + 1 with the vr column), all in the
+same pass over U. Costs measured in benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -21,10 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from torch.func import functional_call, jvp
+from torch.func import jvp, vmap
 
-from ..params import build_functional_params_named, dot_named, get_trainable_named
-from ..scoring import TokenScores, check_batch, forward_ad_attention, position_ids_from_mask, token_logprobs_entropy
+from ..fastpaths import resolve_microbatching
+from ..params import dot_named, get_trainable_named
+from ..scoring import TokenScores, check_batch, forward_ad_attention, scored_token_logprobs
 from ..update import UpdateResult, drgrpo_coefficients
 from .linear import _vr_coefficients
 from .true_delta import _normalised, batch_tensors, log_proposal_ratio
@@ -41,7 +48,7 @@ class AttributionResult:
     c_vr_se: torch.Tensor | None = None
     base_vr: float | None = None
     slope_vr: float | None = None
-    passes: dict | None = None      # work done, in passes over E and tangents over U
+    passes: dict | None = None      # work done: passes over E and U, backwards over E, tangents over U
 
 
 def _split_groups(n: int, k: int) -> list[torch.Tensor]:
@@ -51,95 +58,155 @@ def _split_groups(n: int, k: int) -> list[torch.Tensor]:
 
 
 def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores, *, groups: int = 8,
-                        variance_reduced: bool = True, temperature: float = 1.0, microbatch_size: int = 8,
+                        variance_reduced: bool = True, temperature: float = 1.0, microbatch_size: int | str = 8,
                         logq: torch.Tensor | None = None):
     """Per-group gradients of the exact (and vr) surrogates, and (with groups) of Y = Σ ω T S / D.
 
+    Each surrogate is Σ_tok α_tok S_tok + β Σ_j ω_j H_j / D with its own per-token α (β = 1 for the
+    two surrogates, 0 for Y), so one forward per microbatch (length-bucketed and packed, `fastpaths`)
+    serves every surrogate: one backward each, the graph kept until the last.
     Args: theta_scores: the θ pass over the same batch (S, H per token) — fixes ω, H̄, D and the vr
           coefficients. groups: K contiguous groups of E for the error bars; 0 = none (one group, no Y).
     Returns: (u_k list, z_k list or None, y or None, index groups, C_k / D, D_k / D as (K,) float64, H̄).
     """
-    ids, am, rm = batch_tensors(batch)
+    ids, am, rm = (t.cpu() for t in batch_tensors(batch))
     check_batch(ids, am, rm)
     st = theta_scores.per_sequence()
     w = _normalised(log_proposal_ratio(st.S, logq))                                 # (N,) ω
     D = float((w * st.T).sum())
     Hbar = float((w * st.H).sum()) / D
-    coef_exact = w * (st.H - Hbar * st.T) / D                                       # (N,) detached
-    vr_tok = w[:, None] * _vr_coefficients(theta_scores, w) / D if variance_reduced else None  # (N, L)
+    m = theta_scores.mask.double()                                                  # (N, L)
+    alpha = [(w * (st.H - Hbar * st.T) / D)[:, None] * m]                          # exact: ω_j (H_j − H̄T_j) / D
+    if variance_reduced:
+        alpha.append(w[:, None] * _vr_coefficients(theta_scores, w) / D)             # vr: ω_j (R_jk − c_k) / D
+    beta = [1.0] * len(alpha)
+    if groups:
+        alpha.append((w * st.T / D)[:, None] * m)                                    # Y: ω_j T_j / D
+        beta.append(0.0)
+    alpha = torch.stack(alpha)                                                      # (C, N, L)
     named = get_trainable_named(model)
     tensors = list(named.values())
     device = tensors[0].device
+    alpha, w_dev = alpha.to(device), (w / D).to(device)
     idx_groups = _split_groups(ids.shape[0], groups)
-
-    def zeros():
-        return {n: torch.zeros(p.shape, dtype=torch.float64, device=device) for n, p in named.items()}
-
-    u_k, z_k, y = [], [] if variance_reduced else None, zeros() if groups else None
-    for idx in idx_groups:
-        u, z = zeros(), zeros() if variance_reduced else None
-        for a in range(0, len(idx), microbatch_size):
-            sl = idx[a:a + microbatch_size]
-            b_ids, b_am, b_rm = ids[sl].to(device), am[sl].to(device), rm[sl].to(device)
-            first = int(b_rm.bool().float().argmax(-1).min())                        # earliest scored position
-            logits = model(b_ids, attention_mask=b_am, position_ids=position_ids_from_mask(b_am),
-                           logits_to_keep=b_ids.shape[1] - first + 1, use_cache=False).logits[:, :-1]
-            S, H = token_logprobs_entropy(logits, b_ids[:, first:], temperature)     # (n, L-first) float64
-            m = b_rm[:, first:].double()
-            S, H = S * m, H * m
-            ww, cw = w[sl].to(device), coef_exact[sl].to(device)
-            entropy_part = (ww[:, None] * H).sum() / D                                # Σ ω H_j / D
-            losses = [(entropy_part + (cw[:, None] * S).sum(), u)]                     # exact surrogate
-            if variance_reduced:
-                losses.append((entropy_part + (vr_tok[sl, first:].to(device) * S).sum(), z))
-            if groups:
-                losses.append(((ww * st.T[sl].to(device) * S.sum(-1)).sum() / D, y))     # Y
-            for j, (loss, target) in enumerate(losses):
-                grads = torch.autograd.grad(loss, tensors, retain_graph=j < len(losses) - 1, allow_unused=True)
+    acc = [[{n: torch.zeros(p.shape, dtype=torch.float64, device=device) for n, p in named.items()}
+            for _ in beta] for _ in idx_groups]                                     # [group][surrogate] name -> grad
+    for idx, acc_k in zip(idx_groups, acc):
+        sub = [t[idx] for t in (ids, am, rm)]
+        for mb in resolve_microbatching(model, sub[1], microbatch_size, None, mode="grad"):
+            S, H = scored_token_logprobs(model, *(t.to(device) for t in mb.pack(*sub)),
+                                         temperature=temperature)                   # (M,) each, with graph
+            r, col = mb.scored_coordinates(sub[2])                                   # (M,) within the group
+            r, col = idx[r].to(device), col.to(device)                               # original coordinates
+            entropy_part = (w_dev[r] * H).sum()                                      # Σ ω H_j / D
+            for j, (b, g_acc) in enumerate(zip(beta, acc_k)):
+                loss = (alpha[j, r, col] * S).sum() + b * entropy_part
+                grads = torch.autograd.grad(loss, tensors, retain_graph=j < len(beta) - 1, allow_unused=True)
                 for n, g in zip(named, grads):
                     if g is not None:
-                        target[n] += g.double()
-        u_k.append(u)
-        if variance_reduced:
-            z_k.append(z)
+                        g_acc[n] += g.double()
+    u_k = [a[0] for a in acc]
+    z_k = [a[1] for a in acc] if variance_reduced else None
+    y = {n: sum(a[-1][n] for a in acc) for n in named} if groups else None
     C_k = torch.stack([(w[idx] * st.H[idx]).sum() for idx in idx_groups])
     D_k = torch.stack([(w[idx] * st.T[idx]).sum() for idx in idx_groups])
     return u_k, z_k, y, idx_groups, C_k / D, D_k / D, Hbar
 
 
-def _directional_S(model, u_batch, direction: Mapping[str, torch.Tensor], temperature, microbatch_size):
-    """D_d S_i for every U sequence i, (N_U,) float64: one forward-mode pass over U. Only the log-prob
-    of the sampled token is differentiated (not the full-vocabulary entropy), which keeps it one JVP."""
-    ids, am, rm = batch_tensors(u_batch)
-    p0 = next(model.parameters())
-    eta0 = torch.zeros((), dtype=p0.dtype, device=p0.device)
-    out = []
+def _linear_weights(model: torch.nn.Module, names) -> dict[str, torch.nn.Linear] | None:
+    """name -> module when every direction tensor is the weight of an nn.Linear (LoRA's A and B are), else None."""
+    modules = dict(model.named_modules())
+    sites = {n: modules.get(n.rpartition(".")[0]) for n in names}
+    ok = all(isinstance(m, torch.nn.Linear) and n.endswith(".weight") for n, m in sites.items())
+    return sites if ok else None
+
+
+def _directional_S_reverse(model, ids, am, rm, sites, tangents, temperature, microbatch_size):
+    """D_d S_i from ONE forward and ONE backward over U, for any number of directions d on Linear weights.
+
+    Sequences are independent rows, so the backward of Σ_i S_i gives at every position t of row i the
+    gradient g_{i,t} = ∂S_i/∂y_t of each Linear's output y = x Wᵀ; row i's gradient of W is then
+    Σ_t g_{i,t} x_{i,t}ᵀ (out, in), and D_d S_i = ⟨Σ_t g_{i,t} x_{i,t}ᵀ, d_W⟩ for every direction at once.
+    Raises: RuntimeError when a Linear carrying a direction did not run in the forward (its
+            contribution would be silently missing)."""
+    device = next(iter(sites.values())).weight.device
+    out = torch.zeros(next(iter(tangents.values())).shape[0], ids.shape[0], dtype=torch.float64)  # (k, N_U)
+    for mb in resolve_microbatching(model, am, microbatch_size, None, mode="grad"):
+        seen: dict[str, list] = {n: [] for n in sites}
+
+        def keep(name):
+            return lambda mod, inp, y: seen[name].append((inp[0].detach(), y))       # x (n, W, in), y (n, W, out)
+
+        handles = [m.register_forward_hook(keep(n)) for n, m in sites.items()]
+        try:
+            S, _ = scored_token_logprobs(model, *(t.to(device) for t in mb.pack(ids, am, rm)),
+                                         temperature=temperature, entropy=False)     # (M,) with graph
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n, calls in seen.items() if not calls]
+        if missing:
+            raise RuntimeError(f"{len(missing)} Linear modules with attribution directions did not run in the "
+                               f"forward: {', '.join(missing)}")
+        calls = [(n, x, y) for n, c in seen.items() for x, y in c]
+        gys = torch.autograd.grad(S.sum(), [y for _, _, y in calls], allow_unused=True)
+        dS = torch.zeros(out.shape[0], len(mb.rows), dtype=torch.float64, device=device)      # (k, n)
+        for (n, x, _), gy in zip(calls, gys):
+            if gy is not None:
+                g_row = torch.einsum("nto,nti->noi", gy.double(), x.double())          # (n, out, in) per row
+                dS += torch.einsum("noi,koi->kn", g_row, tangents[n])
+        out[:, mb.rows] += dS.cpu()
+    return out
+
+
+def _directional_S_forward(model, ids, am, rm, tangents, temperature, microbatch_size):
+    """D_d S_i in ONE forward-mode pass over U: per microbatch the primal runs once and the directions
+    ride along as a batch of tangents (vmap over the tangent of one jvp)."""
+    params = dict(model.named_parameters())
+    theta = {n: params[n].detach() for n in tangents}
+    tangents = {n: t.to(theta[n].dtype) for n, t in tangents.items()}
+    device = theta[next(iter(theta))].device
+    out = torch.zeros(next(iter(tangents.values())).shape[0], ids.shape[0], dtype=torch.float64)  # (k, N_U)
     with forward_ad_attention(model):
-        for a in range(0, ids.shape[0], microbatch_size):
-            b_ids, b_am, b_rm = (t[a:a + microbatch_size].to(p0.device) for t in (ids, am, rm))
-            first = int(b_rm.bool().float().argmax(-1).min())
-            kw = dict(attention_mask=b_am, position_ids=position_ids_from_mask(b_am),
-                      logits_to_keep=b_ids.shape[1] - first + 1, use_cache=False)
+        for mb in resolve_microbatching(model, am, microbatch_size, None, mode="jvp"):
+            b = [t.to(device) for t in mb.pack(ids, am, rm)]
 
-            def S_of(eta):
-                params = build_functional_params_named(model, direction, eta)
-                logits = functional_call(model, params, (b_ids,), kw, strict=False).logits[:, :-1]
-                logp = torch.log_softmax(logits.double() / temperature, -1)
-                S = logp.gather(-1, b_ids[:, first:, None])[..., 0]                # (n, L-first)
-                return (S * b_rm[:, first:]).sum(-1)                                 # (n,)
+            def S_of(p):
+                return scored_token_logprobs(model, *b, params=p, temperature=temperature, entropy=False)[0]  # (M,)
 
-            _, dS = jvp(S_of, (eta0,), (torch.ones_like(eta0),))
-            out.append(dS.cpu())
-    return torch.cat(out)
+            dS = vmap(lambda t: jvp(S_of, (theta,), (t,))[1])(tangents)             # (k, M)
+            r, _ = mb.scored_coordinates(rm)
+            out.index_add_(1, r, dS.double().cpu())
+    return out
 
 
-def _shares(model, u_batch, update: UpdateResult, grads, a, temperature, microbatch_size):
-    """a_i · D_{P⊙g} S_i for each direction g, stacked (len(grads), N_U)."""
-    out = []
-    for g in grads:
-        d = {n: update.precond[n] * g[n] for n in g}                                # P ⊙ g
-        out.append(a * _directional_S(model, u_batch, d, temperature, microbatch_size))
-    return torch.stack(out)
+def _directional_S(model, u_batch, directions: list[Mapping[str, torch.Tensor]], temperature, microbatch_size,
+                   mode: str = "auto"):
+    """D_d S_i for every direction d and U sequence i, (len(directions), N_U) float64, in one pass over U.
+
+    mode "reverse" (the "auto" choice when every direction sits on an nn.Linear weight, as with LoRA):
+    one forward + one backward whatever the number of directions (`_directional_S_reverse`);
+    "forward": one forward-mode pass with the directions as a batch of tangents, for any parameters.
+    Only the log-prob of the sampled token is differentiated (not the full-vocabulary entropy).
+    Raises: ValueError naming every parameter whose direction has non-finite entries.
+    """
+    ids, am, rm = (t.cpu() for t in batch_tensors(u_batch))
+    bad = [n for n in directions[0] if not all(torch.isfinite(d[n]).all() for d in directions)]
+    if bad:
+        raise ValueError(f"{len(bad)} attribution directions P ⊙ ∇L have non-finite entries: {', '.join(bad)}")
+    tangents = {n: torch.stack([d[n] for d in directions]).double() for n in directions[0]}  # (k, *shape)
+    sites = _linear_weights(model, tangents) if mode in ("auto", "reverse") else None
+    if mode == "reverse" and sites is None:
+        raise ValueError("mode='reverse' needs every direction on an nn.Linear weight; use mode='forward'")
+    if sites is not None:
+        return _directional_S_reverse(model, ids, am, rm, sites, tangents, temperature, microbatch_size)
+    return _directional_S_forward(model, ids, am, rm, tangents, temperature, microbatch_size)
+
+
+def _shares(model, u_batch, update: UpdateResult, grads, a, temperature, microbatch_size, mode: str = "auto"):
+    """a_i · D_{P⊙g} S_i for each direction g, stacked (len(grads), N_U), from one pass over U."""
+    dirs = [{n: update.precond[n] * g[n] for n in g} for g in grads]                  # P ⊙ g
+    return a * _directional_S(model, u_batch, dirs, temperature, microbatch_size, mode)
 
 
 def _delta_se(c_k: torch.Tensor, c: torch.Tensor, D_k: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
@@ -153,48 +220,53 @@ def _delta_se(c_k: torch.Tensor, c: torch.Tensor, D_k: torch.Tensor, extra: torc
 
 def attribute(model: torch.nn.Module, e_batch, u_batch, update: UpdateResult, theta_scores: TokenScores, *,
               v_base: Mapping[str, torch.Tensor], groups: int = 8, variance_reduced: bool = True,
-              temperature: float = 1.0, microbatch_size: int = 8, logq: torch.Tensor | None = None
+              temperature: float = 1.0, microbatch_size: int | str = 8, logq: torch.Tensor | None = None
               ) -> AttributionResult:
     """Per-U-sequence attribution of the exact (and variance-reduced) slope, DESIGN §1.6.
 
+    Cost: one forward over E with one backward per surrogate (1, 2 with vr, +1 for Y with error bars),
+    and one pass over U for every direction at once (1, 2 with vr; K + 1, 2K + 1 with error bars):
+    forward + backward when the directions sit on Linear weights (LoRA), else one forward-mode pass.
     Args:
         e_batch: E (input_ids, attention_mask, response_mask); theta_scores: its θ pass.
         u_batch: U with advantages and group, as given to compute_update_vector; update: its result.
         v_base: the momentum / weight-decay part of v (UpdateResult.base, or v − Σ v_i).
-        groups: K groups of E for the error bars (K + 1 extra tangents over U, 2K + 1 with vr);
-            0 skips them: then the cost is one reverse pass over E and one tangent over U per column.
+        groups: K groups of E for the error bars; 0 skips them (point estimates only).
     Returns: AttributionResult with c (N_U,), c_se (N_U,) (NaN when groups = 0), base, slope (and vr columns).
     """
+    _, _, rm = batch_tensors(u_batch)
+    a = drgrpo_coefficients(u_batch["advantages"], u_batch["group"], rm.sum(-1))    # (N_U,)
     was_training = model.training
     model.eval()                                        # dropout off, as in the update-vector pass
     try:
         uk, zk, y, _, Ck, Dk, Hbar = surrogate_gradients(model, e_batch, theta_scores, groups=groups,
                                                          variance_reduced=variance_reduced, temperature=temperature,
                                                          microbatch_size=microbatch_size, logq=logq)
+        grads = uk + (zk or []) + ([y] if groups else [])
+        shares = _shares(model, u_batch, update, grads, a, temperature, microbatch_size)  # (K [+K] [+1], N_U)
     finally:
         model.train(was_training)
-    _, _, rm = batch_tensors(u_batch)
-    a = drgrpo_coefficients(u_batch["advantages"], u_batch["group"], rm.sum(-1))    # (N_U,)
-    c_k = _shares(model, u_batch, update, uk, a, temperature, microbatch_size)       # (K, N_U)
+    K = len(uk)
+    c_k = shares[:K]                                                                 # (K, N_U)
     c = c_k.sum(0)
     c_se = torch.full_like(c, float("nan"))
     if groups:
-        m = _shares(model, u_batch, update, [y], a, temperature, microbatch_size)[0]  # (N_U,) ⟨Y, v_i⟩ / D
+        m = shares[-1]                                                               # (N_U,) ⟨Y, v_i⟩ / D
         # ratio correction: −(M_i/D)·(C_k − H̄ D_k)/D, with C_k, D_k already divided by D
         c_se = _delta_se(c_k, c, Dk, m[None] * (Ck - Hbar * Dk)[:, None])
     u = {n: sum(g[n] for g in uk) for n in uk[0]}
     base = float(dot_named(u, v_base))
     out = AttributionResult(c=c, c_se=c_se, base=base, slope=float(c.sum()) + base,
-                            passes=dict(e_backward=1 + int(variance_reduced) + int(groups > 0),
-                                        u_tangents=len(uk) + int(groups > 0)))
+                            passes=dict(e_forward=1, e_backward=1 + int(variance_reduced) + int(groups > 0),
+                                        u_pass="reverse" if _linear_weights(model, u) else "forward-mode",
+                                        u_directions=len(grads)))
     if variance_reduced:
-        cv_k = _shares(model, u_batch, update, zk, a, temperature, microbatch_size)
+        cv_k = shares[K:2 * K]                                                       # (K, N_U)
         out.c_vr = cv_k.sum(0)
         out.c_vr_se = _delta_se(cv_k, out.c_vr, Dk, None) if groups else torch.full_like(out.c_vr, float("nan"))
         z = {n: sum(g[n] for g in zk) for n in zk[0]}
         out.base_vr = float(dot_named(z, v_base))
         out.slope_vr = float(out.c_vr.sum()) + out.base_vr
-        out.passes["u_tangents"] += len(zk)
     return out
 
 
