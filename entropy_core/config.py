@@ -247,7 +247,7 @@ class EstimatorConfig(_Section):
     variance_reduced: bool = Field(True, description="Lower-variance first-order estimate with entropy-to-go and "
                                                      "a baseline (DESIGN §1.4), reported beside the exact one.")
     fd_step: float | None = Field(None, gt=0, description="Step h of the central finite differences; null = "
-                                                          "chosen automatically.")
+                                                          "a tenth of the checkpoint's learning rate.")
     microbatch_size: int = Field(8, gt=0, description="Sequences per scoring / JVP pass over E.")
     attribution: bool = Field(False, description="Per-U-sequence shares of ΔĤ'(0) (DESIGN §1.6): one reverse "
                                                  "pass over E and forward-mode passes over U.")
@@ -323,6 +323,9 @@ class MeasureConfig(_Section):
     seed: int = Field(0, description="Seed for sampling E and U.")
     output_dir: str = Field("runs/demo", min_length=1, description="Directory for artifacts and results.json.")
     device: str = Field("auto", description="auto (CUDA if available), cpu, cuda or cuda:N.")
+    gpus: int = Field(1, description="Processes the measurement runs on, one per GPU (on CPU: gloo processes). Above "
+                                     "1 the runners start `torchrun --nproc_per_node=gpus` and shard E and U over "
+                                     "the ranks; 1 runs in this process.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description=CheckpointConfig.__doc__)
     data: DataConfig = Field(default_factory=DataConfig, description=DataConfig.__doc__)
     batches: BatchConfig = Field(default_factory=BatchConfig, description=BatchConfig.__doc__)
@@ -347,6 +350,31 @@ class MeasureConfig(_Section):
         if not _DEVICE_RE.match(v):
             raise _problem(f"must be auto, cpu, cuda or cuda:N; got {v!r}")
         return v
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus(cls, v: Any) -> int:
+        # before pydantic's coercion: 2.0, "2" and true are typos here, not process counts
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise _problem(f"must be an integer ≥ 1 (processes to run on, one per GPU); got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_gpu_per_rank(self) -> MeasureConfig:
+        if self.gpus > 1 and re.fullmatch(r"cuda:\d+", self.device):
+            _raise_problems("MeasureConfig", [(
+                "device", f"gpus={self.gpus} gives each process its own GPU (torchrun's LOCAL_RANK), so device must "
+                          f"be auto, cpu or cuda, not {self.device!r}", self.device)])
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_one_gpu(self, handler) -> dict[str, Any]:
+        # `gpus` is newer than the run manifests and cache keys already on disk: a one-process config
+        # dumps exactly as before the key existed
+        data = handler(self)
+        if self.gpus == 1:
+            data.pop("gpus", None)
+        return data
 
 
 def _section_names() -> tuple[str, ...]:

@@ -1,6 +1,6 @@
 """Rank-aware measurement: E and U split across torch.distributed ranks, estimators over every sequence.
 
-    torchrun --nproc_per_node=8 my_measure.py          # one process per GPU (nccl); gloo on CPU
+    torchrun --nproc_per_node=8 -m entropy_core.measure --config C.yaml   # one process per GPU (nccl); gloo on CPU
 
 Every estimate is a smooth function of sums over the sequences of E (DESIGN §1.5), and the update is a
 sum over the sequences of U (DESIGN §1.1), so splitting work by sequences changes nothing but the
@@ -32,15 +32,19 @@ Two ways to hand a batch to the functions below:
 * local: pass `index=` (the global rows this rank holds, e.g. from `sample_E_shard`) and the batch
   holds only those rows; per-sequence extras (logq, groups) are then local too and are gathered.
 Results are full-batch objects on every rank. Without torch.distributed initialised (or with one
-rank) everything reduces to the plain single-process calls. Collectives run on CPU tensors for gloo
+rank) everything reduces to the plain single-process calls. `run_on_rank0` runs work that only one
+process should do (sampling, writing an artifact) on rank 0 and hands its result to every rank. Collectives run on CPU tensors for gloo
 and on the current CUDA device for nccl. No Prefect here.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -52,17 +56,25 @@ from .scoring import TokenScores, check_batch, jvp_scores, score_tokens
 from .update import UpdateResult, _check_state, accumulate_gradient, drgrpo_coefficients, update_from_gradient
 
 __all__ = [
-    "ShardError", "rank_and_world", "init_distributed", "shard_rows", "shard_groups", "local_index", "rank_seed",
+    "ShardError", "RankZeroError", "rank_and_world", "run_on_rank0", "init_distributed", "shard_rows", "shard_groups", "local_index", "rank_seed",
     "all_gather_rows", "all_reduce_sum", "broadcast_text", "gather_token_scores", "take_rows", "sample_E_shard",
     "distributed_score_tokens", "distributed_jvp_scores", "distributed_true_delta",
     "distributed_linear_estimates", "distributed_gradient", "distributed_update_vector",
 ]
 
 _SHARD_MODES = ("contiguous", "strided")
+# How long a rank waits in a collective: rank 0 may sample E alone while the others wait (≈500 s at
+# B_E = 2048, DESIGN §4), past NCCL's 10-minute default.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+T = TypeVar("T")
 
 
 class ShardError(ValueError):
     """Ranks disagree about a batch: rows missing or claimed twice, or mismatched shapes. Not retried."""
+
+
+class RankZeroError(RuntimeError):
+    """Rank 0 failed in work that only it does; the other ranks stop with its message."""
 
 
 # ------------------------------------------------------------------------------------------------ ranks
@@ -73,7 +85,7 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
+def init_distributed(backend: str | None = None, *, timeout: timedelta = COLLECTIVE_TIMEOUT) -> tuple[int, int]:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment).
 
     backend None: nccl when CUDA is available (each rank then uses GPU LOCAL_RANK), else gloo. Without
@@ -85,8 +97,32 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=timeout)
     return rank_and_world()
+
+
+def run_on_rank0(fn: Callable[[], T], *, encode: Callable[[T], Any], decode: Callable[[Any], T]) -> T:
+    """fn() on rank 0 only; every other rank gets decode(encode(result)), sent as JSON text. One process: fn().
+
+    The other ranks wait in the broadcast, which also orders them after whatever rank 0 wrote (an
+    artifact they then read). An exception on rank 0 propagates there and is raised on the others as
+    RankZeroError with its message, so no rank waits for a result that will not come.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return fn()
+    if rank == 0:
+        try:
+            out = fn()
+        except BaseException as e:
+            broadcast_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+            raise
+        broadcast_text(json.dumps({"result": encode(out)}))
+        return out
+    msg = json.loads(broadcast_text(None))
+    if "error" in msg:
+        raise RankZeroError(f"rank 0 failed: {msg['error']}")
+    return decode(msg["result"])
 
 
 def _comm_device() -> torch.device:

@@ -22,10 +22,21 @@ process into `_MODELS`, keyed by (checkpoint content hash, dtype, device), and n
 
 A CUDA out-of-memory error in teacher forcing or in the gradient pass halves the microbatch and
 retries (down to 1); the microbatch actually used is recorded in the artifact's meta.
+
+Under torch.distributed (world > 1, e.g. `torchrun -m entropy_core.measure`), every rank calls every
+stage in the same order, and each stage is rank-aware (entropy_core.distributed):
+    resolve_checkpoint, sample_E, sample_U, attribution, estimate
+                 rank 0 alone (E and U are then exactly the one-process batches of this seed);
+    update_vector  each rank backpropagates its U prompt groups, the float64 gradient is all-reduced;
+    score, linear  each rank scores its contiguous rows of E, the per-token scores are all-gathered.
+Rank 0 writes every artifact and broadcasts its reference, which also orders the other ranks after
+the write. `stage_key` of the sharded stages (SHARDED_STAGES) includes the world size: sharding
+changes the length buckets, hence the round-off. No OOM halving there: ranks must stay in step.
 """
 from __future__ import annotations
 
 import ast
+import dataclasses
 import gc
 import hashlib
 import importlib.metadata
@@ -44,11 +55,13 @@ import torch
 from pydantic import BaseModel
 
 from .artifacts import (ArtifactRef, ArtifactWriteError, artifact_exists, hash_directory, hash_file, load_artifact,
-                        save_artifact, write_run_manifest)
+                        read_sidecar, save_artifact, write_run_manifest)
 from .checkpoints import resolve_checkpoint_section
 from .config import DEMO_BASE, CheckpointConfig, DataConfig, GenerationConfig, MeasureConfig, UpdateConfig, \
     dump_config
 from .data import get_reward_fn, load_dataset_split
+from .distributed import (distributed_linear_estimates, distributed_score_tokens, distributed_update_vector,
+                          rank_and_world, run_on_rank0)
 from .estimators import default_fd_step, entropy_base, ess, linear_estimates, snis_delta
 from .estimators.attribution import attribute, covariance_proxy, spearman
 from .loading import check_checkpoint_files, load_adam_optimizer_from_path, load_peft_for_probe, resolve_base_model
@@ -60,14 +73,16 @@ from .update import UpdateResult, compute_update_vector
 
 __all__ = [
     "CheckpointRef", "RunDir", "NonFiniteResultError", "prepare_run", "check_inputs", "stage_key", "code_version",
-    "derive_seed",
+    "derive_seed", "SHARDED_STAGES", "on_rank0",
     "resolve_device", "ref_is_valid", "checkpoint_fingerprint", "demo_checkpoint_dir", "resolve_checkpoint",
     "get_model", "clear_model_cache", "resolve_fd_step", "load_batch", "load_scores", "sample_E", "sample_U",
     "update_vector", "score", "linear", "attribution", "estimate", "RESULTS_NAME", "CSV_NAME", "PLOT_NAME",
 ]
 
 # Keys of the config a run directory may be reused with: none of them changes E, U, v or the θ pass.
-RERUN_MAY_CHANGE = ("output_dir", "estimator", "pipeline", "logging")
+RERUN_MAY_CHANGE = ("output_dir", "estimator", "pipeline", "logging", "gpus")
+# Stages whose work is split across torch.distributed ranks: their keys include the world size.
+SHARDED_STAGES = ("update_vector", "score", "linear")
 _NULL_LOG = DetailedLogger(None)
 T = TypeVar("T")
 Progress = Callable[[int, int], None]          # progress(done, total)
@@ -84,6 +99,12 @@ class RunDir:
     output_dir: Path
     artifacts: Path
     results: Path
+
+    @classmethod
+    def at(cls, output_dir: str | os.PathLike) -> RunDir:
+        """The paths of the run in output_dir (absolute; nothing is created)."""
+        out = Path(output_dir).expanduser().resolve()
+        return cls(output_dir=out, artifacts=out / "artifacts", results=out / RESULTS_NAME)
 
 
 def prepare_run(cfg: MeasureConfig) -> RunDir:
@@ -103,7 +124,7 @@ def prepare_run(cfg: MeasureConfig) -> RunDir:
     write_run_manifest(out, dump_config(cfg), allow_changes=RERUN_MAY_CHANGE)
     for name in (RESULTS_NAME, CSV_NAME, PLOT_NAME, ATTR_CSV_NAME, ATTR_PLOT_NAME):
         (out / name).unlink(missing_ok=True)
-    return RunDir(output_dir=out, artifacts=out / "artifacts", results=out / RESULTS_NAME)
+    return RunDir.at(out)
 
 
 # ------------------------------------------------------------------------------------------------ keys
@@ -202,11 +223,12 @@ def resolve_device(device: str) -> str:
 
     The runners pass the resolved device to every stage, so a cache key says where a result was
     computed: a θ pass scored on CPU is never mixed with an η pass scored on a GPU (their round-off
-    differs, and SNIS at small η would see it).
+    differs, and SNIS at small η would see it). Across torch.distributed ranks a CUDA device is always
+    the rank's own (init_distributed set it from LOCAL_RANK).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+    if device == "cuda" or (device.startswith("cuda") and rank_and_world()[1] > 1):
         device = f"cuda:{torch.cuda.current_device()}"
     return device
 
@@ -220,9 +242,13 @@ def _accelerator(device: Any) -> str | None:
 def stage_key(stage: str, inputs: Mapping[str, Any], *, salt: str = "") -> str:
     """Cache key of one stage: '<stage>-<sha256[:32]>' of its inputs (see `_keyable`), the entropy_core
     code version, the torch/transformers/peft versions, the GPU model when inputs['device'] is a CUDA
-    device, and `salt` (e.g. the task adapter's source hash)."""
+    device, the world size for a sharded stage run across ranks, and `salt` (e.g. the task adapter's
+    source hash)."""
     doc = {"stage": stage, "inputs": _keyable(dict(inputs), stage), "code": code_version(),
            "versions": _versions(), "accelerator": _accelerator(inputs.get("device")), "salt": salt}
+    world = rank_and_world()[1]
+    if stage in SHARDED_STAGES and world > 1:          # absent for one process: its keys stay as they were
+        doc["world"] = world
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     return f"{stage}-{hashlib.sha256(blob).hexdigest()[:32]}"
 
@@ -236,6 +262,16 @@ def ref_is_valid(x: Any) -> bool:
     if isinstance(x, (str, os.PathLike)):
         return Path(x).exists()
     return True
+
+
+def on_rank0(fn: Callable[[], T]) -> T:
+    """fn() on rank 0 only and its ArtifactRef / CheckpointRef on every rank (one process: fn())."""
+    def decode(d: dict):
+        return CheckpointRef(**d["checkpoint"]) if "checkpoint" in d else ArtifactRef.from_dict(d)
+
+    def encode(x):
+        return {"checkpoint": dataclasses.asdict(x)} if isinstance(x, CheckpointRef) else x.to_dict()
+    return run_on_rank0(fn, encode=encode, decode=decode)
 
 
 def derive_seed(seed: int, tag: str) -> int:
@@ -293,31 +329,35 @@ def resolve_checkpoint(checkpoint: CheckpointConfig, data: DataConfig, *, log: D
     With checkpoint.adapter null (demo base only) the demo checkpoint is built once with
     `make_demo_checkpoint` into `demo_checkpoint_dir(...)` and reused afterwards.
     Raises: FileNotFoundError naming a missing adapter directory, optimizer file or base directory.
+    Under torch.distributed, rank 0 resolves (and builds) it and the other ranks get its reference.
     """
     log = log or _NULL_LOG
-    checkpoint = resolve_checkpoint_section(checkpoint)   # checkpoint.dir checked on disk, Trainer/nested layouts
-    adapter, optimizer = _checkpoint_paths(checkpoint, data)
-    if checkpoint.adapter is None and not (adapter.parent / "demo.json").is_file():
-        from .demo import make_demo_checkpoint          # trains a few steps: only when it is missing
-        d = checkpoint.demo
-        make_demo_checkpoint(adapter.parent, steps=d.steps, seed=d.seed, base=DEMO_BASE, lora_r=d.lora_r,
-                             lora_alpha=d.lora_alpha, target_modules=d.target_modules, lr=d.lr,
-                             weight_decay=d.weight_decay, B_U=d.B_U, G=d.G, max_new_tokens=d.max_new_tokens,
-                             dataset=data.dataset, split=data.split_U, format_weight=data.format_weight,
-                             log=lambda msg: log.log("demo_checkpoint", message=msg))
-    missing = [f"{what} {p}" for what, p, ok in (("adapter directory", adapter, adapter.is_dir()),
-                                                  ("optimizer file", optimizer, optimizer.is_file())) if not ok]
-    if missing:
-        raise FileNotFoundError(f"checkpoint not found: {'; '.join(missing)}. Set checkpoint.adapter and "
-                                "checkpoint.optimizer to a trained checkpoint")
-    base_dir = Path(checkpoint.base).expanduser()
-    base = str(base_dir.resolve()) if base_dir.is_dir() else checkpoint.base
-    parts = {"base": base, "base_hash": hash_directory(base_dir) if base_dir.is_dir() else None,
-             "adapter": hash_directory(adapter), "optimizer": hash_file(optimizer), "qlora": checkpoint.qlora}
-    sha = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-    ref = CheckpointRef(base=base, adapter=str(adapter), optimizer=str(optimizer), qlora=checkpoint.qlora, sha256=sha)
-    log.log("checkpoint", adapter=ref.adapter, optimizer=ref.optimizer, sha256=sha[:12])
-    return ref
+
+    def resolve() -> CheckpointRef:
+        ck = resolve_checkpoint_section(checkpoint)   # checkpoint.dir checked on disk, Trainer/nested layouts
+        adapter, optimizer = _checkpoint_paths(ck, data)
+        if ck.adapter is None and not (adapter.parent / "demo.json").is_file():
+            from .demo import make_demo_checkpoint          # trains a few steps: only when it is missing
+            d = ck.demo
+            make_demo_checkpoint(adapter.parent, steps=d.steps, seed=d.seed, base=DEMO_BASE, lora_r=d.lora_r,
+                                 lora_alpha=d.lora_alpha, target_modules=d.target_modules, lr=d.lr,
+                                 weight_decay=d.weight_decay, B_U=d.B_U, G=d.G, max_new_tokens=d.max_new_tokens,
+                                 dataset=data.dataset, split=data.split_U, format_weight=data.format_weight,
+                                 log=lambda msg: log.log("demo_checkpoint", message=msg))
+        missing = [f"{what} {p}" for what, p, ok in (("adapter directory", adapter, adapter.is_dir()),
+                                                      ("optimizer file", optimizer, optimizer.is_file())) if not ok]
+        if missing:
+            raise FileNotFoundError(f"checkpoint not found: {'; '.join(missing)}. Set checkpoint.adapter and "
+                                    "checkpoint.optimizer to a trained checkpoint")
+        base_dir = Path(ck.base).expanduser()
+        base = str(base_dir.resolve()) if base_dir.is_dir() else ck.base
+        parts = {"base": base, "base_hash": hash_directory(base_dir) if base_dir.is_dir() else None,
+                 "adapter": hash_directory(adapter), "optimizer": hash_file(optimizer), "qlora": ck.qlora}
+        sha = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        ref = CheckpointRef(base=base, adapter=str(adapter), optimizer=str(optimizer), qlora=ck.qlora, sha256=sha)
+        log.log("checkpoint", adapter=ref.adapter, optimizer=ref.optimizer, sha256=sha[:12])
+        return ref
+    return on_rank0(resolve)
 
 
 def check_inputs(cfg: MeasureConfig) -> None:
@@ -330,6 +370,7 @@ def check_inputs(cfg: MeasureConfig) -> None:
       (`loading.check_checkpoint_files`). A demo checkpoint (adapter null) is built by the first stage.
     * data: both splits load (file, JSON per line, question/answer per record), split_U holds at least
       B_U prompts, and the reward resolves (its module imports, the function takes (response_text, gold)).
+    * gpus: on CUDA, at least that many devices are visible.
 
     What needs the model loaded is checked when a stage loads it: an adapter made for a different base
     (shape mismatch) and the optimizer's name-by-name mapping fail the first stage that loads the model.
@@ -349,6 +390,10 @@ def check_inputs(cfg: MeasureConfig) -> None:
             raise ValueError(f"batches.B_U={cfg.batches.B_U} distinct prompts are needed, but data.split_U "
                              f"{split!r} of {data.dataset} has only {n}; lower batches.B_U or use a larger split")
     _reward_fn(data)
+    on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    if cfg.gpus > 1 and on_gpu and cfg.gpus > torch.cuda.device_count():
+        raise ValueError(f"gpus={cfg.gpus} processes need one GPU each, but {torch.cuda.device_count()} are visible "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); lower gpus")
 
 
 # ------------------------------------------------------------------------------------------------ model cache
@@ -461,38 +506,45 @@ def _reward_fn(data: DataConfig):
 def sample_E(ckpt: CheckpointRef, *, data: DataConfig, generation: GenerationConfig, B_E: int, seed: int,
              dtype: str, device: str, root: str | os.PathLike, log: DetailedLogger | None = None) -> ArtifactRef:
     """Evaluation batch E: B_E prompts of data.split_E drawn with replacement, one response each, from π_θ.
-    The seed is derived from `seed` and the split name. Returns artifact "E"."""
+    The seed is derived from `seed` and the split name. Returns artifact "E". Under torch.distributed
+    rank 0 samples alone: E is the one-process E of this seed."""
     log = log or _NULL_LOG
-    examples = _examples(data, data.split_E)
-    model, tok = get_model(ckpt, dtype=dtype, device=device)
-    s = derive_seed(seed, f"E/{data.split_E}")
-    batch = _processor(model, tok, generation).sample_E(examples, B_E, seed=s)
-    meta = {"batch": batch.meta(), "split": data.split_E, "seed": s, "data": data, "generation": generation,
-            "dtype": dtype, "tokens": batch.num_tokens}
-    ref = save_artifact(root, "E", batch.to_tensors(), meta, inputs={"checkpoint": ckpt.sha256})
-    log.log("sample_E", sequences=len(batch), tokens=batch.num_tokens, artifact=ref.sha256[:12])
-    return ref
+
+    def sample() -> ArtifactRef:
+        examples = _examples(data, data.split_E)
+        model, tok = get_model(ckpt, dtype=dtype, device=device)
+        s = derive_seed(seed, f"E/{data.split_E}")
+        batch = _processor(model, tok, generation).sample_E(examples, B_E, seed=s)
+        meta = {"batch": batch.meta(), "split": data.split_E, "seed": s, "data": data, "generation": generation,
+                "dtype": dtype, "tokens": batch.num_tokens}
+        ref = save_artifact(root, "E", batch.to_tensors(), meta, inputs={"checkpoint": ckpt.sha256})
+        log.log("sample_E", sequences=len(batch), tokens=batch.num_tokens, artifact=ref.sha256[:12])
+        return ref
+    return on_rank0(sample)
 
 
 def sample_U(ckpt: CheckpointRef, *, data: DataConfig, generation: GenerationConfig, B_U: int, G: int,
              max_resample_attempts: int, seed: int, dtype: str, device: str, root: str | os.PathLike,
              log: DetailedLogger | None = None) -> ArtifactRef:
     """Update batch U: B_U distinct prompts of data.split_U, G responses each, rewards and Dr.GRPO
-    advantages A = r − mean_group(r). Returns artifact "U"."""
+    advantages A = r − mean_group(r). Returns artifact "U". Under torch.distributed rank 0 samples alone."""
     log = log or _NULL_LOG
-    examples = _examples(data, data.split_U)
-    model, tok = get_model(ckpt, dtype=dtype, device=device)
-    s = derive_seed(seed, f"U/{data.split_U}")
-    batch = _processor(model, tok, generation).sample_U(examples, B_U, G, reward_fn=_reward_fn(data), seed=s,
-                                                        max_resample_attempts=max_resample_attempts)
-    r = batch.rewards
-    meta = {"batch": batch.meta(), "split": data.split_U, "seed": s, "data": data, "generation": generation,
-            "dtype": dtype, "tokens": batch.num_tokens, "rewards_mean": float(r.mean()),
-            "rewards": [float(x) for x in r]}
-    ref = save_artifact(root, "U", batch.to_tensors(), meta, inputs={"checkpoint": ckpt.sha256})
-    log.log("sample_U", sequences=len(batch), tokens=batch.num_tokens, rewards_mean=float(r.mean()),
-            artifact=ref.sha256[:12])
-    return ref
+
+    def sample() -> ArtifactRef:
+        examples = _examples(data, data.split_U)
+        model, tok = get_model(ckpt, dtype=dtype, device=device)
+        s = derive_seed(seed, f"U/{data.split_U}")
+        batch = _processor(model, tok, generation).sample_U(examples, B_U, G, reward_fn=_reward_fn(data), seed=s,
+                                                            max_resample_attempts=max_resample_attempts)
+        r = batch.rewards
+        meta = {"batch": batch.meta(), "split": data.split_U, "seed": s, "data": data, "generation": generation,
+                "dtype": dtype, "tokens": batch.num_tokens, "rewards_mean": float(r.mean()),
+                "rewards": [float(x) for x in r]}
+        ref = save_artifact(root, "U", batch.to_tensors(), meta, inputs={"checkpoint": ckpt.sha256})
+        log.log("sample_U", sequences=len(batch), tokens=batch.num_tokens, rewards_mean=float(r.mean()),
+                artifact=ref.sha256[:12])
+        return ref
+    return on_rank0(sample)
 
 
 # ------------------------------------------------------------------------------------------------ update
@@ -504,23 +556,31 @@ def update_vector(ckpt: CheckpointRef, u_ref: ArtifactRef, *, update: UpdateConf
     Returns artifact "update_vector": name -> float64 tensor (parameter names of the model), with the
     stats (norm, loss, grad_norm, clip_scale, ...), lr, the microbatch used and, under "parts", the
     reference of the "update_parts" artifact (preconditioner P and v_base, for attribution) in meta.
+    Under torch.distributed each rank backpropagates its U prompt groups and the gradient is all-reduced
+    (`distributed_update_vector`); v is then the same on every rank and rank 0 writes it.
     """
     log = log or _NULL_LOG
     model, _ = get_model(ckpt, dtype=dtype, device=device)
     optimizer = load_adam_optimizer_from_path(model, ckpt.optimizer)
     U = load_batch(u_ref)
-    res, mb = _halving_on_oom(
-        lambda m: compute_update_vector(model, optimizer, U, microbatch_size=m, clip_norm=update.clip_norm,
-                                        temperature=temperature, dropout=update.dropout),
-        update.microbatch_size, what="update_vector", log=log)
+    kw = dict(clip_norm=update.clip_norm, temperature=temperature, dropout=update.dropout)
+    if rank_and_world()[1] > 1:
+        res, mb = distributed_update_vector(model, optimizer, U, microbatch_size=update.microbatch_size, **kw), \
+            update.microbatch_size
+    else:
+        res, mb = _halving_on_oom(lambda m: compute_update_vector(model, optimizer, U, microbatch_size=m, **kw),
+                                  update.microbatch_size, what="update_vector", log=log)
     lrs = sorted({float(g["lr"]) for g in optimizer.param_groups if g["params"]})
-    parts = save_artifact(root, "update_parts", {**{f"precond/{n}": t for n, t in res.precond.items()},
-                                                 **{f"base/{n}": t for n, t in res.base.items()}},
-                          {"what": "P = −(1−β₁)/((1−β₁ᵗ)den) and v_base, DESIGN §1.6"},
-                          inputs={"checkpoint": ckpt.sha256, "U": u_ref})
-    meta = {"stats": res.stats, "lr": lrs, "update": update, "temperature": temperature, "dtype": dtype,
-            "microbatch_used": mb, "rewards_mean": float(U.rewards.mean()), "parts": parts.to_dict()}
-    ref = save_artifact(root, "update_vector", res.vector, meta, inputs={"checkpoint": ckpt.sha256, "U": u_ref})
+
+    def write() -> ArtifactRef:
+        parts = save_artifact(root, "update_parts", {**{f"precond/{n}": t for n, t in res.precond.items()},
+                                                     **{f"base/{n}": t for n, t in res.base.items()}},
+                              {"what": "P = −(1−β₁)/((1−β₁ᵗ)den) and v_base, DESIGN §1.6"},
+                              inputs={"checkpoint": ckpt.sha256, "U": u_ref})
+        meta = {"stats": res.stats, "lr": lrs, "update": update, "temperature": temperature, "dtype": dtype,
+                "microbatch_used": mb, "rewards_mean": float(U.rewards.mean()), "parts": parts.to_dict()}
+        return save_artifact(root, "update_vector", res.vector, meta, inputs={"checkpoint": ckpt.sha256, "U": u_ref})
+    ref = on_rank0(write)
     log.log("update_vector", norm=res.stats["norm"], tensors=res.stats["num_tensors"], loss=res.stats["loss"],
             artifact=ref.sha256[:12])
     return ref
@@ -565,6 +625,8 @@ def score(ckpt: CheckpointRef, e_ref: ArtifactRef, v_ref: ArtifactRef | None = N
 
     Returns artifact "scores": S, H (N, L) float64 and mask (N, L) bool, aligned with E's input_ids.
     Raises: ScoringError for an empty pass or a non-finite value; ValueError for eta != 0 without v.
+    Under torch.distributed each rank scores its rows of E (`distributed_score_tokens`, gathered on
+    every rank) and rank 0 writes the artifact; progress is then reported once, at the end.
     """
     log = log or _NULL_LOG
     if (v_ref is None) != (eta == 0):
@@ -573,21 +635,32 @@ def score(ckpt: CheckpointRef, e_ref: ArtifactRef, v_ref: ArtifactRef | None = N
     model, _ = get_model(ckpt, dtype=dtype, device=device)
     E = load_batch(e_ref)
     v = _load_vector(v_ref, _model_device(model)) if v_ref is not None else None
-    ts, mb = _teacher_force(model, E, v, eta, temperature=temperature, microbatch_size=microbatch_size, log=log,
-                            progress=progress)
+    if rank_and_world()[1] > 1:
+        ts, mb = distributed_score_tokens(model, E, v=v, eta=eta, temperature=temperature,
+                                          microbatch_size=microbatch_size), microbatch_size
+        if progress is not None:
+            progress(len(E), len(E))
+    else:
+        ts, mb = _teacher_force(model, E, v, eta, temperature=temperature, microbatch_size=microbatch_size,
+                                log=log, progress=progress)
     st = ts.per_sequence()
     H_hat = float(st.H.sum() / st.T.sum())
     meta = {"eta": eta, "temperature": temperature, "dtype": dtype, "microbatch_used": mb,
             "tokens": int(st.T.sum()), "sequences": len(E), "H_mean": H_hat}
     inputs = {"checkpoint": ckpt.sha256, "E": e_ref, **({"update_vector": v_ref} if v_ref is not None else {})}
-    ref = save_artifact(root, "scores", {"S": ts.S, "H": ts.H, "mask": ts.mask}, meta, inputs=inputs)
+    ref = on_rank0(lambda: save_artifact(root, "scores", {"S": ts.S, "H": ts.H, "mask": ts.mask}, meta,
+                                         inputs=inputs))
     log.log("score", eta=eta, H=H_hat, tokens=meta["tokens"], artifact=ref.sha256[:12])
     return ref
 
 
-def resolve_fd_step(fd_step: float | None, eta_list: Sequence[float]) -> float:
-    """The finite-difference step h: the configured one, else `default_fd_step(eta_list)`."""
-    return float(fd_step) if fd_step is not None else default_fd_step(eta_list)
+def resolve_fd_step(fd_step: float | None, v_ref: ArtifactRef) -> float:
+    """The finite-difference step h: the configured one, else `default_fd_step` of the checkpoint's
+    learning rate (the largest of its param groups, read from the update vector's metadata). Not a
+    function of the η grid, so changing only the grid leaves the linear stage cached."""
+    if fd_step is not None:
+        return float(fd_step)
+    return default_fd_step(max(read_sidecar(v_ref)["meta"]["lr"]))
 
 
 def _est(e) -> dict[str, float] | None:
@@ -601,16 +674,21 @@ def linear(ckpt: CheckpointRef, e_ref: ArtifactRef, v_ref: ArtifactRef, theta_re
     slope, and with `quadratic` ΔĤ''(0) both ways (DESIGN §1.3, §1.4), on E, reusing the θ pass.
 
     Returns artifact "linear": per-sequence dS, dH (and d2S, d2H) (N,) float64; estimates in meta.
+    Under torch.distributed the JVP and ±fd_step passes are sharded by rows of E and gathered
+    (`distributed_linear_estimates`), the estimators run on the whole E, and rank 0 writes the artifact.
     """
     log = log or _NULL_LOG
     model, _ = get_model(ckpt, dtype=dtype, device=device)
     E = load_batch(e_ref)
     v = _load_vector(v_ref, _model_device(model))
     theta = load_scores(theta_ref)
-    res, mb = _halving_on_oom(
-        lambda m: linear_estimates(model, E, v, quadratic=quadratic, variance_reduced=variance_reduced,
-                                   fd_step=fd_step, temperature=temperature, microbatch_size=m, base_scores=theta),
-        microbatch_size, what="linear", log=log)
+    kw = dict(quadratic=quadratic, variance_reduced=variance_reduced, fd_step=fd_step, temperature=temperature,
+              base_scores=theta)
+    if rank_and_world()[1] > 1:
+        res, mb = distributed_linear_estimates(model, E, v, microbatch_size=microbatch_size, **kw), microbatch_size
+    else:
+        res, mb = _halving_on_oom(lambda m: linear_estimates(model, E, v, microbatch_size=m, **kw),
+                                  microbatch_size, what="linear", log=log)
     est = {"slope_exact": _est(res.slope_exact), "slope_fd": _est(res.slope_fd), "slope_vr": _est(res.slope_vr),
            "curvature": _est(res.curvature), "curvature_fd": _est(res.curvature_fd), "fd_step": res.fd_step}
     _check_finite(est, "linear estimates")
@@ -618,8 +696,8 @@ def linear(ckpt: CheckpointRef, e_ref: ArtifactRef, v_ref: ArtifactRef, theta_re
     tensors = {k: getattr(st, k) for k in ("dS", "dH", "d2S", "d2H") if getattr(st, k) is not None}
     meta = {"estimates": est, "quadratic": quadratic, "variance_reduced": variance_reduced, "temperature": temperature,
             "dtype": dtype, "microbatch_used": mb}
-    ref = save_artifact(root, "linear", tensors, meta,
-                        inputs={"checkpoint": ckpt.sha256, "E": e_ref, "update_vector": v_ref, "theta": theta_ref})
+    ref = on_rank0(lambda: save_artifact(root, "linear", tensors, meta, inputs={
+        "checkpoint": ckpt.sha256, "E": e_ref, "update_vector": v_ref, "theta": theta_ref}))
     log.log("linear", slope=res.slope_exact.value, slope_fd=est["slope_fd"]["value"], artifact=ref.sha256[:12])
     return ref
 
@@ -635,39 +713,43 @@ def attribution(ckpt: CheckpointRef, e_ref: ArtifactRef, u_ref: ArtifactRef, v_r
     Uses P and v_base stored by `update_vector`; one reverse pass over E and forward-mode passes over U.
     Returns artifact "attribution": (N_U,) columns c, c_se, (c_vr, c_vr_se), advantage, reward, T,
     mean/min token log-prob, entropy, proxy; summary (base, slope, Spearman ρ(proxy, c)) in meta.
+    Under torch.distributed rank 0 computes it alone.
     """
     log = log or _NULL_LOG
-    model, _ = get_model(ckpt, dtype=dtype, device=device)
-    dev = _model_device(model)
-    E, U, theta = load_batch(e_ref), load_batch(u_ref), load_scores(theta_ref)
-    vt, vmeta = load_artifact(v_ref)
-    parts, _ = load_artifact(ArtifactRef.from_dict(vmeta["parts"]))
-    upd = UpdateResult(vector={n: t.to(dev) for n, t in vt.items()}, stats=vmeta["stats"],
-                       precond={n: parts[f"precond/{n}"].to(dev) for n in vt})
-    v_base = {n: parts[f"base/{n}"].to(dev) for n in vt}
-    res, mb = _halving_on_oom(
-        lambda m: attribute(model, E, U, upd, theta, v_base=v_base, groups=groups, variance_reduced=variance_reduced,
-                            temperature=temperature, microbatch_size=m),
-        microbatch_size, what="attribution", log=log)
-    Ut = score_tokens(model, U.input_ids, U.attention_mask, U.response_mask, temperature=temperature,
-                      microbatch_size=mb)                                  # per-token S, H of U at θ
-    st, m = Ut.per_sequence(), Ut.mask
-    token_S = Ut.S.masked_fill(~m, float("inf"))
-    proxy = covariance_proxy(Ut.S, m, U.advantages)
-    cols = {"c": res.c, "c_se": res.c_se, "advantage": U.advantages, "reward": U.rewards, "T": st.T,
-            "logp_mean": st.S / st.T, "logp_min": token_S.min(-1).values, "entropy_mean": st.H / st.T,
-            "prompt_index": U.prompt_index, "group": U.group, "proxy": proxy}
-    if res.c_vr is not None:
-        cols.update(c_vr=res.c_vr, c_vr_se=res.c_vr_se)
-    summary = {"base": res.base, "slope": res.slope, "sum_c": float(res.c.sum()), "base_vr": res.base_vr,
-               "slope_vr": res.slope_vr, "spearman_proxy_c": spearman(proxy, res.c), "groups": groups,
-               "passes": res.passes}
-    meta = {"summary": summary, "texts": list(U.texts), "microbatch_used": mb}
-    ref = save_artifact(root, "attribution", cols, meta, inputs={"checkpoint": ckpt.sha256, "E": e_ref, "U": u_ref,
-                                                                 "update_vector": v_ref, "theta": theta_ref})
-    log.log("attribution", slope=res.slope, base=res.base, spearman=summary["spearman_proxy_c"],
-            artifact=ref.sha256[:12])
-    return ref
+
+    def attribute_U() -> ArtifactRef:
+        model, _ = get_model(ckpt, dtype=dtype, device=device)
+        dev = _model_device(model)
+        E, U, theta = load_batch(e_ref), load_batch(u_ref), load_scores(theta_ref)
+        vt, vmeta = load_artifact(v_ref)
+        parts, _ = load_artifact(ArtifactRef.from_dict(vmeta["parts"]))
+        upd = UpdateResult(vector={n: t.to(dev) for n, t in vt.items()}, stats=vmeta["stats"],
+                           precond={n: parts[f"precond/{n}"].to(dev) for n in vt})
+        v_base = {n: parts[f"base/{n}"].to(dev) for n in vt}
+        res, mb = _halving_on_oom(
+            lambda m: attribute(model, E, U, upd, theta, v_base=v_base, groups=groups,
+                                variance_reduced=variance_reduced, temperature=temperature, microbatch_size=m),
+            microbatch_size, what="attribution", log=log)
+        Ut = score_tokens(model, U.input_ids, U.attention_mask, U.response_mask, temperature=temperature,
+                          microbatch_size=mb)                                  # per-token S, H of U at θ
+        st, m = Ut.per_sequence(), Ut.mask
+        token_S = Ut.S.masked_fill(~m, float("inf"))
+        proxy = covariance_proxy(Ut.S, m, U.advantages)
+        cols = {"c": res.c, "c_se": res.c_se, "advantage": U.advantages, "reward": U.rewards, "T": st.T,
+                "logp_mean": st.S / st.T, "logp_min": token_S.min(-1).values, "entropy_mean": st.H / st.T,
+                "prompt_index": U.prompt_index, "group": U.group, "proxy": proxy}
+        if res.c_vr is not None:
+            cols.update(c_vr=res.c_vr, c_vr_se=res.c_vr_se)
+        summary = {"base": res.base, "slope": res.slope, "sum_c": float(res.c.sum()), "base_vr": res.base_vr,
+                   "slope_vr": res.slope_vr, "spearman_proxy_c": spearman(proxy, res.c), "groups": groups,
+                   "passes": res.passes}
+        meta = {"summary": summary, "texts": list(U.texts), "microbatch_used": mb}
+        ref = save_artifact(root, "attribution", cols, meta, inputs={"checkpoint": ckpt.sha256, "E": e_ref, "U": u_ref,
+                                                                     "update_vector": v_ref, "theta": theta_ref})
+        log.log("attribution", slope=res.slope, base=res.base, spearman=summary["spearman_proxy_c"],
+                artifact=ref.sha256[:12])
+        return ref
+    return on_rank0(attribute_U)
 
 
 # ------------------------------------------------------------------------------------------------ estimate
@@ -700,54 +782,59 @@ def estimate(e_ref: ArtifactRef, theta_ref: ArtifactRef, eta_refs: Sequence[tupl
     Returns artifact "estimates": the per-sequence table (T, S, H, logw and H at each η, dS, dH) and,
     in meta, entropy / true / linear / quadratic / update / texts.
     Raises: NonFiniteResultError naming every non-finite estimate.
+    Under torch.distributed rank 0 computes it alone (it reads artifacts only).
     """
     log = log or _NULL_LOG
-    E = load_batch(e_ref)
-    base = load_scores(theta_ref).per_sequence()
-    H0 = entropy_base(base)
-    entropy = {"H_base": H0.value, "H_base_se": H0.se, "tokens": int(base.T.sum()), "sequences": len(E),
-               "proposal_ess": ess(base.S - E.logq), "proposal_logq_max_abs_diff": float((base.S - E.logq).abs().max())}
-    true, logw, H_eta = [], [], []
-    for eta, ref in eta_refs:
-        shifted = load_scores(ref).per_sequence()
-        p = snis_delta(base, shifted, eta, logw_clip=logw_clip)
-        true.append({"eta": p.eta, "delta_h": p.delta_h, "se": p.se, "ess": p.ess, "logw_min": p.logw_min,
-                     "logw_median": p.logw_median, "logw_max": p.logw_max, "H_eta": p.H_eta,
-                     "clip_fraction": p.clip_fraction})
-        logw.append(shifted.S - base.S)                                 # (N,) log w at this η, DESIGN §1.2
-        H_eta.append(shifted.H)
-    tensors = {"prompt_index": E.prompt_index, "T": base.T, "S": base.S, "H": base.H, "logq": E.logq}
-    if eta_refs:
-        tensors.update(logw=torch.stack(logw, -1), H_eta=torch.stack(H_eta, -1))    # (N, n_eta)
-    lin = quad = None
-    if linear_ref is not None:
-        lt, lmeta = load_artifact(linear_ref)
-        tensors.update({k: lt[k] for k in ("dS", "dH") if k in lt})
-        e = lmeta["estimates"]
-        if report_linear:
-            lin = {"slope_exact": e["slope_exact"]["value"], "slope_exact_se": e["slope_exact"]["se"],
-                   "slope_fd": e["slope_fd"]["value"], "slope_fd_se": e["slope_fd"]["se"],
-                   "slope_vr": (e["slope_vr"] or {}).get("value"), "slope_vr_se": (e["slope_vr"] or {}).get("se"),
-                   "fd_step": e["fd_step"]}
-        if report_quadratic and e["curvature"] is not None:
-            quad = {"curvature": e["curvature"]["value"], "curvature_se": e["curvature"]["se"],
-                    "curvature_fd": e["curvature_fd"]["value"], "curvature_fd_se": e["curvature_fd"]["se"]}
-        for row in true:                                                # predictions beside the truth
-            eta = row["eta"]
-            row["pred_linear"] = eta * e["slope_exact"]["value"]
-            if e["curvature"] is not None:
-                row["pred_quadratic"] = row["pred_linear"] + eta ** 2 * e["curvature"]["value"] / 2
-    _, vmeta = load_artifact(v_ref)
-    s = vmeta["stats"]
-    update = {"norm": s["norm"], "num_tensors": s["num_tensors"], "loss": s["loss"], "grad_norm": s["grad_norm"],
-              "clip_scale": s["clip_scale"], "sequences": s["num_sequences"], "tokens": s["tokens"], "lr": vmeta["lr"],
-              "rewards_mean": vmeta["rewards_mean"]}
-    body = {"entropy": entropy, "true": true, "linear": lin, "quadratic": quad, "update": update}
-    _check_finite(body, "estimates")
-    meta = {**body, "etas": [float(eta) for eta, _ in eta_refs], "texts": list(E.texts), "logw_clip": logw_clip}
-    inputs = {"E": e_ref, "theta": theta_ref, "update_vector": v_ref,
-              **({"linear": linear_ref} if linear_ref is not None else {}),
-              **{f"eta[{eta!r}]": ref for eta, ref in eta_refs}}
-    ref = save_artifact(root, "estimates", tensors, meta, inputs=inputs)
-    log.log("estimate", H_base=H0.value, etas=len(true), artifact=ref.sha256[:12])
-    return ref
+
+    def assemble() -> ArtifactRef:
+        E = load_batch(e_ref)
+        base = load_scores(theta_ref).per_sequence()
+        H0 = entropy_base(base)
+        entropy = {"H_base": H0.value, "H_base_se": H0.se, "tokens": int(base.T.sum()), "sequences": len(E),
+                   "proposal_ess": ess(base.S - E.logq),
+                   "proposal_logq_max_abs_diff": float((base.S - E.logq).abs().max())}
+        true, logw, H_eta = [], [], []
+        for eta, ref in eta_refs:
+            shifted = load_scores(ref).per_sequence()
+            p = snis_delta(base, shifted, eta, logw_clip=logw_clip)
+            true.append({"eta": p.eta, "delta_h": p.delta_h, "se": p.se, "ess": p.ess, "logw_min": p.logw_min,
+                         "logw_median": p.logw_median, "logw_max": p.logw_max, "H_eta": p.H_eta,
+                         "clip_fraction": p.clip_fraction})
+            logw.append(shifted.S - base.S)                                 # (N,) log w at this η, DESIGN §1.2
+            H_eta.append(shifted.H)
+        tensors = {"prompt_index": E.prompt_index, "T": base.T, "S": base.S, "H": base.H, "logq": E.logq}
+        if eta_refs:
+            tensors.update(logw=torch.stack(logw, -1), H_eta=torch.stack(H_eta, -1))    # (N, n_eta)
+        lin = quad = None
+        if linear_ref is not None:
+            lt, lmeta = load_artifact(linear_ref)
+            tensors.update({k: lt[k] for k in ("dS", "dH") if k in lt})
+            e = lmeta["estimates"]
+            if report_linear:
+                lin = {"slope_exact": e["slope_exact"]["value"], "slope_exact_se": e["slope_exact"]["se"],
+                       "slope_fd": e["slope_fd"]["value"], "slope_fd_se": e["slope_fd"]["se"],
+                       "slope_vr": (e["slope_vr"] or {}).get("value"), "slope_vr_se": (e["slope_vr"] or {}).get("se"),
+                       "fd_step": e["fd_step"]}
+            if report_quadratic and e["curvature"] is not None:
+                quad = {"curvature": e["curvature"]["value"], "curvature_se": e["curvature"]["se"],
+                        "curvature_fd": e["curvature_fd"]["value"], "curvature_fd_se": e["curvature_fd"]["se"]}
+            for row in true:                                                # predictions beside the truth
+                eta = row["eta"]
+                row["pred_linear"] = eta * e["slope_exact"]["value"]
+                if e["curvature"] is not None:
+                    row["pred_quadratic"] = row["pred_linear"] + eta ** 2 * e["curvature"]["value"] / 2
+        _, vmeta = load_artifact(v_ref)
+        s = vmeta["stats"]
+        update = {"norm": s["norm"], "num_tensors": s["num_tensors"], "loss": s["loss"], "grad_norm": s["grad_norm"],
+                  "clip_scale": s["clip_scale"], "sequences": s["num_sequences"], "tokens": s["tokens"],
+                  "lr": vmeta["lr"], "rewards_mean": vmeta["rewards_mean"]}
+        body = {"entropy": entropy, "true": true, "linear": lin, "quadratic": quad, "update": update}
+        _check_finite(body, "estimates")
+        meta = {**body, "etas": [float(eta) for eta, _ in eta_refs], "texts": list(E.texts), "logw_clip": logw_clip}
+        inputs = {"E": e_ref, "theta": theta_ref, "update_vector": v_ref,
+                  **({"linear": linear_ref} if linear_ref is not None else {}),
+                  **{f"eta[{eta!r}]": ref for eta, ref in eta_refs}}
+        ref = save_artifact(root, "estimates", tensors, meta, inputs=inputs)
+        log.log("estimate", H_base=H0.value, etas=len(true), artifact=ref.sha256[:12])
+        return ref
+    return on_rank0(assemble)

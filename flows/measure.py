@@ -3,6 +3,7 @@
     python flows/measure.py                                   # configs/demo.yaml; ephemeral Prefect server
     python flows/measure.py --config configs/qwen2_5_1_5b.yaml --set estimator.eta_list=[1e-6,2e-6]
     python flows/measure.py --no-prefect                      # the same stages in plain Python
+    python flows/measure.py --set gpus=4                      # the stages on 4 GPUs, in torchrun children
     python flows/measure.py --serve --cron "0 3 * * *"        # a deployment, run from the UI form
     prefect server start --host 127.0.0.1                     # the UI, http://127.0.0.1:4200 (local only)
     prefect concurrency-limit create gpu 1                    # at most one GPU stage at a time, server-wide
@@ -19,6 +20,11 @@ the same order with the same arguments. Tasks are called directly: they share th
 so its in-memory model, loaded once. Caching: a second run of the same config is served entirely
 from the cache; a run that changes only estimator.eta_list recomputes only the new η passes and the
 estimates; a killed run resumes after its last completed stage (rerun the same command).
+
+With `gpus: N > 1` one GPU-tagged task (tasks/torchrun.py) runs every stage in `torchrun
+--nproc_per_node=N -m entropy_core.measure` children, which shard E and U over the ranks and write
+into the same artifact store; the flow writes results.json from the references they hand back. Reuse
+then comes from the children's stage index in output_dir, not from Prefect's cache.
 """
 # No `from __future__ import annotations` here: Prefect builds the parameter model of a served flow from the
 # real annotation, and a string "MeasureConfig" cannot be resolved when the runner loads this file.
@@ -51,7 +57,7 @@ from prefect.runtime import flow_run  # noqa: E402
 
 from entropy_core import report, stages  # noqa: E402
 from entropy_core.config import ConfigError, MeasureConfig, dump_config, load_config  # noqa: E402
-from entropy_core.measure import EntropyMeasurements, artifact_paths, run_info  # noqa: E402
+from entropy_core.measure import EntropyMeasurements, StageRefs, run_info  # noqa: E402
 from entropy_core.precision import apply_global_precision  # noqa: E402
 from tasks import bind_tasks  # noqa: E402
 
@@ -83,11 +89,32 @@ def measure(cfg: MeasureConfig = MeasureConfig()) -> str:
     logging.getLogger("entropy_core").setLevel(logging.INFO)
     apply_global_precision(cfg.precision.allow_tf32, cfg.precision.matmul_precision)   # entry point: once
     run = stages.prepare_run(cfg)                                      # manifest; old results.json removed
-    t, est, tau = bind_tasks(run.output_dir, cfg.pipeline), cfg.estimator, cfg.generation.temperature
+    t = bind_tasks(run.output_dir, cfg.pipeline)
+    if cfg.gpus > 1:                                                    # every stage on cfg.gpus ranks
+        st = _Stages(total=1)
+        refs = st("torchrun", t.measure_torchrun, cfg=cfg)
+        timing, extra = {"stages": refs.timing, "torchrun": st.timing["torchrun"]}, {"processes": cfg.gpus}
+    else:
+        st = _Stages(total=6 + len(cfg.estimator.eta_list) + int(cfg.estimator.linear or cfg.estimator.quadratic))
+        refs = _measure_stages(cfg, run, t, st)
+        timing, extra = {"stages": st.timing}, {}
+    timing["total_seconds"] = round(time.perf_counter() - t_start, 4)
+    path = report.write_report(                                                                         # report
+        refs.estimates, output_dir=run.output_dir, config=dump_config(cfg), timing=timing,
+        artifacts=refs.artifact_paths(), attribution_ref=refs.attribution,
+        run=run_info(cfg, run, refs.checkpoint, refs.fd_step, "prefect", flow_run_id=str(flow_run.id), **extra))
+    _publish(path)
+    update_progress_artifact(st.progress_id, progress=100.0)
+    get_run_logger().info(f"results: {path}")
+    return str(path)
+
+
+def _measure_stages(cfg: MeasureConfig, run: stages.RunDir, t, st: _Stages) -> StageRefs:
+    """The stages in this process, one task each, in order."""
+    est, tau = cfg.estimator, cfg.generation.temperature
     rt = dict(dtype=cfg.precision.runtime_dtype, device=stages.resolve_device(cfg.device), root=str(run.artifacts))
     score = dict(temperature=tau, microbatch_size=est.microbatch_size, **rt)
     linear = est.linear or est.quadratic
-    st = _Stages(total=6 + len(est.eta_list) + int(linear))
 
     ckpt = st("checkpoint", t.load_checkpoint, checkpoint=cfg.checkpoint, data=cfg.data)                 # resolve
     E = st("sample_E", t.sample_E, ckpt=ckpt, data=cfg.data, generation=cfg.generation,                  # sample
@@ -101,7 +128,7 @@ def measure(cfg: MeasureConfig = MeasureConfig()) -> str:
                      **score)) for eta in est.eta_list]
     lin, fd_step = None, None
     if linear:
-        fd_step = stages.resolve_fd_step(est.fd_step, est.eta_list)
+        fd_step = stages.resolve_fd_step(est.fd_step, v)
         lin = st("linear", t.estimate_linear, ckpt=ckpt, e_ref=E, v_ref=v, theta_ref=theta,             # slope
                  quadratic=est.quadratic, variance_reduced=est.variance_reduced, fd_step=fd_step, **score)
     attr = None
@@ -111,16 +138,8 @@ def measure(cfg: MeasureConfig = MeasureConfig()) -> str:
     estimates = st("estimate", t.estimate, e_ref=E, theta_ref=theta, eta_refs=etas, v_ref=v, linear_ref=lin,  # SNIS
                    logw_clip=est.logw_clip, report_linear=est.linear, report_quadratic=est.quadratic,
                    root=rt["root"])
-
-    timing = {"stages": st.timing, "total_seconds": round(time.perf_counter() - t_start, 4)}
-    path = report.write_report(                                                                         # report
-        estimates, output_dir=run.output_dir, config=dump_config(cfg), timing=timing,
-        artifacts=artifact_paths(E=E, U=U, update_vector=v, theta=theta, etas=etas, linear=lin),
-        run=run_info(cfg, run, ckpt, fd_step, "prefect", flow_run_id=str(flow_run.id)), attribution_ref=attr)
-    _publish(path)
-    update_progress_artifact(st.progress_id, progress=100.0)
-    get_run_logger().info(f"results: {path}")
-    return str(path)
+    return StageRefs(checkpoint=ckpt, E=E, U=U, update_vector=v, theta=theta, etas=etas, linear=lin,
+                     attribution=attr, estimates=estimates, fd_step=fd_step, timing=st.timing)
 
 
 def _publish(results_path: Path) -> None:

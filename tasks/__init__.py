@@ -7,7 +7,8 @@ tags=["gpu"], so a tag concurrency limit caps them across every run of a Prefect
     prefect concurrency-limit create gpu 1
 
 `bind_tasks` gives the flow the tasks configured for one run: results (and cache records) under
-`<output_dir>/.prefect/results` and the retry settings of the config's `pipeline` section.
+`<output_dir>/.prefect/results` and the retry settings of the config's `pipeline` section
+(`measure_torchrun`, which runs every stage in torchrun children when `gpus` > 1, is never retried).
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from .checkpoint import load_checkpoint
 from .estimate import estimate
 from .evaluate import estimate_linear, evaluate
 from .sampling import sample_E, sample_U
+from .torchrun import measure_torchrun
 from .update import compute_update_vector
 
 __all__ = ["load_checkpoint", "sample_E", "sample_U", "compute_update_vector", "evaluate", "estimate_linear",
-           "attribution", "estimate", "bind_tasks"]
+           "attribution", "estimate", "measure_torchrun", "bind_tasks"]
 
 ALL_TASKS = {"load_checkpoint": load_checkpoint, "sample_E": sample_E, "sample_U": sample_U,
              "compute_update_vector": compute_update_vector, "evaluate": evaluate,
@@ -37,4 +39,5 @@ def bind_tasks(output_dir: str | Path, pipeline: PipelineConfig) -> SimpleNamesp
     storage = Path(output_dir) / ".prefect" / "results"
     opts = dict(result_storage=storage, retries=pipeline.retries,
                 retry_delay_seconds=list(pipeline.retry_delay_seconds))
-    return SimpleNamespace(**{name: t.with_options(**opts) for name, t in ALL_TASKS.items()})
+    return SimpleNamespace(**{name: t.with_options(**opts) for name, t in ALL_TASKS.items()},
+                           measure_torchrun=measure_torchrun)

@@ -35,7 +35,7 @@ def estimate_linear(ckpt: stages.CheckpointRef, e_ref: ArtifactRef, v_ref: Artif
                     quadratic: bool, variance_reduced: bool, fd_step: float, temperature: float, microbatch_size: int,
                     dtype: str, device: str, root: str) -> ArtifactRef:
     """ΔĤ'(0) (JVP, finite differences at ±fd_step, variance-reduced) and ΔĤ''(0). Keyed on the resolved
-    fd_step, not on eta_list, so a new η grid with the same smallest |η| reuses it."""
+    fd_step (by default a tenth of the learning rate), not on eta_list, so a new η grid reuses it."""
     maybe_fault("linear")
     ref = stages.linear(ckpt, e_ref, v_ref, theta_ref, quadratic=quadratic, variance_reduced=variance_reduced,
                         fd_step=fd_step, temperature=temperature, microbatch_size=microbatch_size, dtype=dtype,

@@ -118,6 +118,12 @@ def main() -> None:
     tensors.update({"sample/input_ids": batch.input_ids, "sample/index": index})
     numbers["sample"] = {"n": n, "rank_seed": D.rank_seed(SAMPLE_SEED)}
     numbers["broadcast"] = D.broadcast_text("ΔĤ from rank 0" if rank == 0 else None)
+    # work only rank 0 does: its result, or its error, on every rank
+    numbers["rank0"] = D.run_on_rank0(lambda: {"computed_by": rank}, encode=dict, decode=dict)
+    try:
+        D.run_on_rank0(lambda: 1 / 0, encode=float, decode=float)
+    except (ZeroDivisionError, D.RankZeroError) as e:
+        numbers["rank0_error"] = f"{type(e).__name__}: {e}"
     out.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file({k: t.contiguous() for k, t in tensors.items()}, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world": world, **numbers}))

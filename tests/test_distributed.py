@@ -143,6 +143,15 @@ def test_sampled_shards_are_reproducible_per_rank(torchrun):
     assert [numbers[r]["broadcast"] for r in range(WORLD)] == ["ΔĤ from rank 0"] * WORLD
 
 
+def test_run_on_rank0_shares_the_result_or_the_error(torchrun):
+    """Rank 0 alone runs the work; the others get its result, or its error instead of waiting forever."""
+    numbers, _ = torchrun
+    assert [numbers[r]["rank0"] for r in range(WORLD)] == [{"computed_by": 0}] * WORLD
+    assert numbers[0]["rank0_error"] == "ZeroDivisionError: division by zero"
+    assert numbers[1]["rank0_error"] == "RankZeroError: rank 0 failed: ZeroDivisionError: division by zero"
+    assert D.run_on_rank0(lambda: 7, encode=int, decode=int) == 7          # one process: just fn()
+
+
 # ------------------------------------------------------------------------------------------------ one process
 @pytest.mark.parametrize("mode", ["contiguous", "strided"])
 def test_shards_partition_the_rows(mode):

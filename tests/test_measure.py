@@ -115,6 +115,18 @@ def test_rerun_reuses_every_stage_and_reproduces_the_numbers(first_run):
     assert {k: r2[k] for k in NUMBERS} == {k: r1[k] for k in NUMBERS}
 
 
+def test_a_new_eta_grid_reruns_only_its_new_etas_and_the_estimate(first_run):
+    """The default finite-difference step is a tenth of the learning rate, not a function of the grid:
+    a grid with a new smallest |η| keeps the linear stage (and its h) as they were."""
+    cfg, r1 = first_run
+    new = cfg.model_copy(update={"estimator": cfg.estimator.model_copy(update={"eta_list": [ETAS[1], ETAS[0] / 4]})})
+    r2 = json.loads(EntropyMeasurements(new).run().read_text())
+    states = {name: s["state"] for name, s in r2["timing"]["stages"].items()}
+    assert states.pop("evaluate_eta[0.00025]") == "Completed" and states.pop("estimate") == "Completed", states
+    assert all(state == "Reused" for name, state in states.items() if name != "checkpoint"), states
+    assert r2["linear"] == r1["linear"] and r1["linear"]["fd_step"] == pytest.approx(0.1 * r1["update"]["lr"][0])
+
+
 def test_missing_artifact_is_recomputed(first_run):
     cfg, r1 = first_run
     os.unlink(r1["artifacts"]["theta"])

@@ -115,9 +115,10 @@ def slope_variance_reduced(scores: TokenScores, *, logq: torch.Tensor | None = N
     return estimate(parts, lambda s: s[..., 0] / s[..., 1], groups)
 
 
-def default_fd_step(etas) -> float:
-    """Half the smallest |η| of the grid: inside the range the user already calls near-linear."""
-    return 0.5 * min(abs(float(e)) for e in etas)
+def default_fd_step(lr: float) -> float:
+    """A tenth of the learning rate: η is learning-rate-like (η = lr is the optimizer's own step), so h
+    sits well inside the near-linear range without depending on the η grid being measured."""
+    return 0.1 * float(lr)
 
 
 def linear_estimates(model: torch.nn.Module, batch, v: Mapping[str, torch.Tensor], *, quadratic: bool = True,
