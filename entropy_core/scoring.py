@@ -20,10 +20,12 @@ to summation order (tests/test_fastpaths.py: ≤ 2e-14 relative in float64, ≤ 
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
@@ -295,6 +297,52 @@ def forward_ad_attention(model: torch.nn.Module):
             base.set_attn_implementation(old)
 
 
+class _ConstantWeightLinear(torch.autograd.Function):
+    """F.linear with a constant weight and bias, whose forward-mode derivative is x_t Wᵀ alone.
+
+    Autograd's rule for mm / addmm stands a materialised zero in for the weight's missing tangent and
+    multiplies by it: a whole wasted matmul per frozen Linear per JVP level, compounding in a nested
+    JVP. Same values, same derivatives, one matmul fewer."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)            # a missing tangent arrives as None, not as zeros
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t):
+        if weight_t is not None or bias_t is not None:
+            raise RuntimeError("_ConstantWeightLinear got a tangent for its weight or bias; it is only for "
+                               "frozen Linear layers")
+        (weight,) = ctx.saved_tensors
+        return _ConstantWeightLinear.apply(x_t, weight, None)                 # the outer level skips zeros too
+
+
+def _constant_weight_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _ConstantWeightLinear.apply(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def constant_weight_linears(model: torch.nn.Module):
+    """Inside: every frozen plain nn.Linear of `model` (weight and bias not requiring grad; not
+    subclasses such as quantised layers; not modules whose forward someone already replaced) computes
+    through `_ConstantWeightLinear`; restored on exit. For forward-mode passes only (no backward)."""
+    mods = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
+            and not any(p.requires_grad for p in m.parameters(recurse=False))]
+    for m in mods:
+        m.forward = types.MethodType(_constant_weight_forward, m)
+    try:
+        yield
+    finally:
+        for m in mods:
+            del m.forward
+
+
 def jvp_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                response_mask: torch.Tensor, v: Mapping[str, torch.Tensor], *, order: int = 1,
                temperature: float = 1.0, microbatch_size: int | str = 8, token_budget: int | None = None,
@@ -321,7 +369,7 @@ def jvp_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
     done = 0
     # No torch.no_grad() here: it disables the decompositions that nested forward AD needs (silu's
     # second derivative). No graph is built anyway: every overridden tensor is detached.
-    with forward_ad_attention(model):
+    with forward_ad_attention(model), constant_weight_linears(model):
         for mb in plan:
             batch = _packed(mb, (input_ids, attention_mask, response_mask), p0.device)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.func import jvp, vmap
 
 from entropy_core.estimators import linear_estimates, snis_delta, true_delta
 from entropy_core.estimators.linear import curvature_exact, slope_exact
@@ -14,8 +15,8 @@ from entropy_core.fastpaths import (CPU_TOKEN_BUDGET, MicrobatchingError, auto_t
                                     padding_stats, plan_microbatches, real_spans,
                                     resolve_microbatching)
 from entropy_core.params import get_trainable_named
-from entropy_core.scoring import (ScoringError, _split_route, chunked_logprobs_entropy, jvp_scores, score_tokens,
-                                  token_logprobs_entropy)
+from entropy_core.scoring import (ScoringError, _split_route, chunked_logprobs_entropy, constant_weight_linears,
+                                  jvp_scores, score_tokens, token_logprobs_entropy)
 from entropy_core.update import compute_update_vector
 from test_update import stepped
 from tiny import make_lora_model, random_batch
@@ -298,3 +299,37 @@ def test_cuda_auto_microbatching_equals_one_at_a_time(dtype):
     assert_rel(ts.H, ref.H, REL_TOL[dtype], "H cuda auto")
     jr, js = jvp_one_at_a_time(m, *args, v), jvp_scores(m, *args, v, microbatch_size="auto")
     assert_rel(js.dS, jr.dS, REL_TOL[dtype], "dS cuda auto")
+
+
+def _mm_calls(fn) -> int:
+    from torch.profiler import profile
+    with profile() as p:
+        fn()
+    return sum(e.count for e in p.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+
+def test_constant_weight_linears_keep_every_derivative_and_drop_the_zero_matmul():
+    """The frozen-Linear JVP rule: value, first and nested derivatives (and vmapped tangents) equal to
+    autograd's own rule in float64 to the last bit, with two matmuls for a JVP (primal, tangent) where
+    autograd's rule adds more (it multiplies by a materialised zero tangent of the weight); the module's forward is restored after."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 16, dtype=torch.float64).requires_grad_(False)
+    A, vA = torch.randn(24, 24, dtype=torch.float64) / 5, torch.randn(24, 24, dtype=torch.float64)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    e0, one = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+
+    def f(eta):                                            # a trainable A before and after a frozen Linear
+        return torch.sin(lin(torch.tanh(x @ (A + eta * vA).T))).sum(-1)
+
+    def derivatives():
+        first = jvp(f, (e0,), (one,))
+        nested = jvp(lambda e: jvp(f, (e,), (one,)), (e0,), (one,))
+        batched = vmap(lambda t: jvp(f, (e0,), (t,))[1])(torch.tensor([1.0, -2.0], dtype=torch.float64))
+        return torch.utils._pytree.tree_leaves((first, nested, batched))
+
+    ref, plain_mm = derivatives(), _mm_calls(lambda: jvp(lin, (x,), (x,)))
+    with constant_weight_linears(lin):
+        new, patched_mm = derivatives(), _mm_calls(lambda: jvp(lin, (x,), (x,)))
+    assert all(torch.equal(a, b) for a, b in zip(new, ref))
+    assert patched_mm == 2 and plain_mm >= 3, (plain_mm, patched_mm)    # torch 2.13 with a bias: 4
+    assert "forward" not in vars(lin)

@@ -31,7 +31,8 @@ from torch.func import jvp, vmap
 
 from ..fastpaths import resolve_microbatching
 from ..params import dot_named, get_trainable_named
-from ..scoring import TokenScores, check_batch, forward_ad_attention, scored_token_logprobs
+from ..scoring import (TokenScores, check_batch, constant_weight_linears, forward_ad_attention,
+                       scored_token_logprobs)
 from ..update import UpdateResult, drgrpo_coefficients
 from .linear import _vr_coefficients
 from .true_delta import _normalised, batch_tensors, log_proposal_ratio
@@ -167,7 +168,7 @@ def _directional_S_forward(model, ids, am, rm, tangents, temperature, microbatch
     tangents = {n: t.to(theta[n].dtype) for n, t in tangents.items()}
     device = theta[next(iter(theta))].device
     out = torch.zeros(next(iter(tangents.values())).shape[0], ids.shape[0], dtype=torch.float64)  # (k, N_U)
-    with forward_ad_attention(model):
+    with forward_ad_attention(model), constant_weight_linears(model):
         for mb in resolve_microbatching(model, am, microbatch_size, None, mode="jvp"):
             b = [t.to(device) for t in mb.pack(ids, am, rm)]
 
