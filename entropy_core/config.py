@@ -219,8 +219,9 @@ class GenerationConfig(_Section):
 # ------------------------------------------------------------------------------------------ update
 class UpdateConfig(_Section):
     """The update vector v = Δθ / lr of one AdamW step on U (DESIGN §1.1)."""
-    microbatch_size: int = Field(4, gt=0, description="Sequences per backward pass; the gradient is summed over "
-                                                      "microbatches, so this changes memory, not v.")
+    microbatch_size: MicrobatchSize = Field(4, description="Sequences per backward pass, or 'auto' (as many as "
+                                                           "fit in free GPU memory); the gradient is summed over "
+                                                           "microbatches, so this changes memory, not v.")
     clip_norm: float | None = Field(None, gt=0, description="Global gradient-norm clip; null = off (the clip scale "
                                                             "is recorded when on).")
     dropout: bool = Field(False, description="Keep LoRA dropout on in the gradient pass. Off by default (eval mode) "
@@ -228,6 +229,16 @@ class UpdateConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------------ estimator
+def _microbatch_size(x: Any) -> int | str:
+    """An int ≥ 1 (rows per microbatch) or "auto" (a token budget from free device memory, fastpaths)."""
+    if x == "auto" or (isinstance(x, int) and not isinstance(x, bool) and x > 0):
+        return x
+    raise _problem(f"must be an integer greater than 0 or 'auto', got {x!r}")
+
+
+MicrobatchSize = Annotated[Any, AfterValidator(_microbatch_size)]
+
+
 def _eta_nonzero(eta: float) -> float:
     if eta == 0:
         raise _problem("is 0; ΔH(0) is 0 by definition and θ itself is always evaluated as the reference; "
@@ -248,7 +259,8 @@ class EstimatorConfig(_Section):
                                                      "a baseline (DESIGN §1.4), reported beside the exact one.")
     fd_step: float | None = Field(None, gt=0, description="Step h of the central finite differences; null = "
                                                           "a tenth of the checkpoint's learning rate.")
-    microbatch_size: int = Field(8, gt=0, description="Sequences per scoring / JVP pass over E.")
+    microbatch_size: MicrobatchSize = Field(8, description="Sequences per scoring / JVP pass over E, or 'auto' "
+                                                           "(as many as fit in free GPU memory; 1024 tokens on CPU).")
     attribution: bool = Field(False, description="Per-U-sequence shares of ΔĤ'(0) (DESIGN §1.6): one reverse "
                                                  "pass over E and forward-mode passes over U.")
     attribution_groups: int = Field(8, ge=0, description="Groups of E for the attribution error bars (each adds "

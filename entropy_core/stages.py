@@ -64,6 +64,7 @@ from .distributed import (distributed_linear_estimates, distributed_score_tokens
                           rank_and_world, run_on_rank0)
 from .estimators import default_fd_step, entropy_base, ess, linear_estimates, snis_delta
 from .estimators.attribution import attribute, covariance_proxy, spearman
+from .fastpaths import auto_token_budget, resolve_microbatching
 from .loading import check_checkpoint_files, load_adam_optimizer_from_path, load_peft_for_probe, resolve_base_model
 from .logging import DetailedLogger
 from .report import ATTR_CSV_NAME, ATTR_PLOT_NAME, CSV_NAME, PLOT_NAME, RESULTS_NAME
@@ -85,6 +86,7 @@ RERUN_MAY_CHANGE = ("output_dir", "estimator", "pipeline", "logging", "gpus")
 SHARDED_STAGES = ("update_vector", "score", "linear")
 _NULL_LOG = DetailedLogger(None)
 T = TypeVar("T")
+AUTO_OOM_ROWS = 8          # rows per microbatch after an "auto" microbatch ran out of device memory
 Progress = Callable[[int, int], None]          # progress(done, total)
 
 
@@ -449,21 +451,23 @@ def _load_vector(v_ref: ArtifactRef, device: torch.device) -> dict[str, torch.Te
         return _VECTORS[key]
 
 
-def _halving_on_oom(fn: Callable[[int], T], microbatch_size: int, *, what: str, log: DetailedLogger
-                    ) -> tuple[T, int]:
-    """fn(microbatch_size), halving the microbatch after each CUDA out-of-memory error, down to 1.
-    Returns (result, microbatch size that worked)."""
+def _halving_on_oom(fn: Callable[[int | str], T], microbatch_size: int | str, *, what: str, log: DetailedLogger
+                    ) -> tuple[T, int | str]:
+    """fn(microbatch_size), halving the microbatch after each CUDA out-of-memory error, down to 1; an
+    "auto" microbatch that ran out of memory goes on at AUTO_OOM_ROWS rows. Returns (result, the
+    microbatch size that worked)."""
     mb = microbatch_size
     while True:
         try:
             return fn(mb), mb
         except torch.cuda.OutOfMemoryError:
-            if mb <= 1:
+            if mb == 1:
                 raise
         # outside the except block: the traceback and the tensors its frames hold are released first
         _free_device_memory()
-        log.log("oom_retry", "minimal", stage=what, microbatch_size=mb, retry_with=mb // 2)
-        mb //= 2
+        smaller = AUTO_OOM_ROWS if mb == "auto" else mb // 2
+        log.log("oom_retry", "minimal", stage=what, microbatch_size=mb, retry_with=smaller)
+        mb = smaller
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -587,39 +591,47 @@ def update_vector(ckpt: CheckpointRef, u_ref: ArtifactRef, *, update: UpdateConf
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def _teacher_force(model, batch: BatchedSequences, v, eta: float, *, temperature: float, microbatch_size: int,
-                   log: DetailedLogger, progress: Progress | None) -> tuple[TokenScores, int]:
-    """score_tokens one microbatch at a time (for progress), halving the microbatch on CUDA OOM.
-    Identical to one score_tokens call: microbatches are scored independently either way."""
+def _teacher_force(model, batch: BatchedSequences, v, eta: float, *, temperature: float, microbatch_size: int | str,
+                   log: DetailedLogger, progress: Progress | None) -> tuple[TokenScores, int | str]:
+    """score_tokens one microbatch at a time (for progress), halving it on CUDA OOM.
+
+    The microbatches are planned over all of E, longest rows first (`resolve_microbatching`), so each
+    packs rows of similar length; rows are scored independently, so this equals one score_tokens call.
+    An int is a row cap; "auto" a token budget from free device memory, which an OOM halves."""
     ids, am, rm = batch.input_ids, batch.attention_mask, batch.response_mask
-    N, mb, a = ids.shape[0], microbatch_size, 0
-    S, H = [], []
-    while a < N:
-        b, ts = min(N, a + mb), None
+    N = ids.shape[0]
+    S, H = torch.zeros(ids.shape, dtype=torch.float64), torch.zeros(ids.shape, dtype=torch.float64)   # (N, L)
+    todo, mb, budget = torch.arange(N), microbatch_size, None
+    if mb == "auto":
+        budget = auto_token_budget(model, width=int(am.sum(-1).max()), mode="score")
+    while todo.numel():
+        plan = resolve_microbatching(model, am[todo], mb if budget is None else "auto", budget, mode="score")
+        rows, ts = todo[plan[0].rows], None
         try:
-            ts = score_tokens(model, ids[a:b], am[a:b], rm[a:b], v=v, eta=eta, temperature=temperature,
-                              microbatch_size=mb)
+            ts = score_tokens(model, ids[rows], am[rows], rm[rows], v=v, eta=eta, temperature=temperature,
+                              microbatch_size=rows.numel())
         except torch.cuda.OutOfMemoryError:
-            if mb <= 1:
+            if rows.numel() <= 1:
                 raise
-        except ScoringError as e:          # its indices count rows of this slice; E's sequences start at `a`
-            msg = re.sub(r"\bindex (\d+)", lambda m: f"index {a + int(m.group(1))}", str(e))
+        except ScoringError as e:          # its indices count rows of this microbatch; name E's own
+            msg = re.sub(r"\bindex (\d+)", lambda m: f"index {int(rows[int(m.group(1))])}", str(e))
             raise ScoringError(f"{'θ pass' if v is None else f'θ+ηv pass at η={eta:g}'}: {msg}") from e
         if ts is None:
             _free_device_memory()
-            log.log("oom_retry", "minimal", stage="score", eta=eta, microbatch_size=mb, retry_with=mb // 2)
-            mb //= 2
+            smaller = max(1, rows.numel() // 2) if budget is None else budget // 2
+            log.log("oom_retry", "minimal", stage="score", eta=eta, microbatch_size=rows.numel(),
+                    retry_with=smaller if budget is None else f"token budget {smaller}")
+            mb, budget = (smaller, None) if budget is None else (mb, smaller)
             continue
-        S.append(ts.S)
-        H.append(ts.H)
-        a = b
+        S[rows], H[rows] = ts.S, ts.H
+        todo = todo[~torch.isin(todo, rows)]
         if progress is not None:
-            progress(a, N)
-    return TokenScores(S=torch.cat(S), H=torch.cat(H), mask=rm.bool()), mb
+            progress(N - todo.numel(), N)
+    return TokenScores(S=S, H=H, mask=rm.bool()), mb if budget is None else f"auto ({budget} tokens)"
 
 
 def score(ckpt: CheckpointRef, e_ref: ArtifactRef, v_ref: ArtifactRef | None = None, *, eta: float = 0.0,
-          temperature: float, microbatch_size: int, dtype: str, device: str, root: str | os.PathLike,
+          temperature: float, microbatch_size: int | str, dtype: str, device: str, root: str | os.PathLike,
           log: DetailedLogger | None = None, progress: Progress | None = None) -> ArtifactRef:
     """Teacher-forced S_{i,k}, H_{i,k} on E at θ (v_ref None, eta 0) or at θ+ηv (DESIGN §1.2).
 
@@ -668,8 +680,8 @@ def _est(e) -> dict[str, float] | None:
 
 
 def linear(ckpt: CheckpointRef, e_ref: ArtifactRef, v_ref: ArtifactRef, theta_ref: ArtifactRef, *, quadratic: bool,
-           variance_reduced: bool, fd_step: float, temperature: float, microbatch_size: int, dtype: str, device: str,
-           root: str | os.PathLike, log: DetailedLogger | None = None) -> ArtifactRef:
+           variance_reduced: bool, fd_step: float, temperature: float, microbatch_size: int | str, dtype: str,
+           device: str, root: str | os.PathLike, log: DetailedLogger | None = None) -> ArtifactRef:
     """ΔĤ'(0) exactly (forward-mode JVP) and by central differences at ±fd_step, the variance-reduced
     slope, and with `quadratic` ΔĤ''(0) both ways (DESIGN §1.3, §1.4), on E, reusing the θ pass.
 
@@ -705,7 +717,7 @@ def linear(ckpt: CheckpointRef, e_ref: ArtifactRef, v_ref: ArtifactRef, theta_re
 # ------------------------------------------------------------------------------------------------ attribution
 def attribution(ckpt: CheckpointRef, e_ref: ArtifactRef, u_ref: ArtifactRef, v_ref: ArtifactRef,
                 theta_ref: ArtifactRef, *, groups: int, variance_reduced: bool, temperature: float,
-                microbatch_size: int, dtype: str, device: str, root: str | os.PathLike,
+                microbatch_size: int | str, dtype: str, device: str, root: str | os.PathLike,
                 log: DetailedLogger | None = None) -> ArtifactRef:
     """Which U sequences drive the slope: c_i = ⟨∇Ĥ, v_i⟩ with its se over E (DESIGN §1.6), the
     variance-reduced column, and per sequence the covariance proxy −Cov(log π, A) beside it.

@@ -78,7 +78,7 @@ def test_every_field_has_a_description():
 def test_dump_round_trips_and_sections_are_json():
     cfg = load_config(CONFIGS / "qwen2_5_1_5b.yaml")
     assert config_from_dict(dump_config(cfg)) == cfg
-    assert config_section_dict(cfg, "update") == {"microbatch_size": 8, "clip_norm": None, "dropout": False}
+    assert config_section_dict(cfg, "update") == {"microbatch_size": "auto", "clip_norm": None, "dropout": False}
     assert config_section_dict(cfg, "estimator")["eta_list"] == [8.0e-7, 1.6e-6, 3.2e-6, 6.4e-6, 1.28e-5]
     with pytest.raises(ValueError, match="unknown config section 'updat'.*update"):
         config_section_dict(cfg, "updat")

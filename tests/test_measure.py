@@ -178,6 +178,26 @@ def test_oom_in_teacher_forcing_halves_the_microbatch(first_run, monkeypatch, tm
                                    msg=lambda m, k=k: f"{k}: {m}")
 
 
+def test_auto_microbatching_reproduces_the_row_capped_run(first_run, tmp_path):
+    """`microbatch_size: auto` (a token budget; on CPU 1024 tokens) in every stage: the same numbers up to
+    the float32 round-off of packing other widths."""
+    cfg, r1 = first_run
+    auto = cfg.model_copy(update={"output_dir": str(tmp_path / "run"),
+                                  "estimator": cfg.estimator.model_copy(update={"microbatch_size": "auto"}),
+                                  "update": cfg.update.model_copy(update={"microbatch_size": "auto"})})
+    r2 = json.loads(EntropyMeasurements(auto).run().read_text())
+    assert load_artifact(_refs(r2)[2])[1]["microbatch_used"].startswith("auto (")
+    # float32 round-off of other packings: ~1e-7 relative; the finite differences divide it by h (slope,
+    # 1e-4) or h² (curvature: not compared); the logq diagnostic is itself round-off.
+    rel = {"slope_fd": 1e-4, "slope_fd_se": 1e-4, "curvature_fd": None, "curvature_fd_se": None,
+           "proposal_logq_max_abs_diff": None}
+    for section in ("entropy", "linear", "quadratic"):
+        for k, x in r1[section].items():
+            if isinstance(x, float) and rel.get(k, 1e-6) is not None:
+                assert r2[section][k] == pytest.approx(x, rel=rel.get(k, 1e-6)), f"{section}.{k}"
+    assert [p["delta_h"] for p in r2["true"]] == pytest.approx([p["delta_h"] for p in r1["true"]], rel=1e-4)
+
+
 def test_oom_in_the_update_pass_halves_the_microbatch(first_run, monkeypatch, tmp_path):
     cfg, r = first_run
     _, U, _ = _refs(r)
