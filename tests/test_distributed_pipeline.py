@@ -11,7 +11,7 @@ token for token). Every number of results.json (ΔĤ(η), Ĥ(θ), ESS, log-weigh
 all their standard errors, the update's stats) agrees to ≤ 1e-10 relative, except the finite-difference
 slope and curvature: v is the same float64 gradient summed in another order (all-reduce), so θ+ηv
 rounds differently in its last bits, and (ΔĤ(h) ± ΔĤ(−h)) divides that round-off of ΔĤ by 2h or h²
-(h = 5e-4). Those are held to the round-off floor instead (as in test_distributed.py).
+(h = 1e-3, a tenth of the fixtures' lr). Those are held to the round-off floor instead (as in test_distributed.py).
 
 1e-10 relative is finer than ΔĤ's own float64 resolution here (ΔĤ(1e-3) ≈ 2e-6 is a difference of two
 Ĥ ≈ 5.7, and one ulp of Ĥ is 4e-10 of ΔĤ), so it holds only when each row's arithmetic is the same in
