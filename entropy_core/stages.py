@@ -618,10 +618,12 @@ def _teacher_force(model, batch: BatchedSequences, v, eta: float, *, temperature
             raise ScoringError(f"{'θ pass' if v is None else f'θ+ηv pass at η={eta:g}'}: {msg}") from e
         if ts is None:
             _free_device_memory()
-            smaller = max(1, rows.numel() // 2) if budget is None else budget // 2
+            if budget is None:
+                mb = max(1, rows.numel() // 2)
+            else:
+                budget //= 2
             log.log("oom_retry", "minimal", stage="score", eta=eta, microbatch_size=rows.numel(),
-                    retry_with=smaller if budget is None else f"token budget {smaller}")
-            mb, budget = (smaller, None) if budget is None else (mb, smaller)
+                    retry_with=mb if budget is None else f"token budget {budget}")
             continue
         S[rows], H[rows] = ts.S, ts.H
         todo = todo[~torch.isin(todo, rows)]
