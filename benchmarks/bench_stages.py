@@ -99,6 +99,8 @@ GSM8K_R1_PROMPT_QUANTILES = ((0.0, 101), (0.1, 125), (0.5, 144), (0.9, 177), (0.
 FLOP_MULT = {"forward": 1, "grad": 2, "jvp": 2, "jvp2": 4}
 ETA = 1e-3                            # one η pass; the value does not change the cost
 N_ETA = 5                             # η passes in the whole-measurement total (issue 6: 5 η)
+SHARED_NOTE = ("each group's prompt runs once (update.shared_prompt_groups); tokens and FLOPs are counted "
+               "per row, prompt included, as for the packed path")
 
 
 def log(msg: str) -> None:
@@ -563,7 +565,8 @@ def main(argv=None) -> int:
         opt = stepped_optimizer(model)
         plan_U = resolve_microbatching(model, U["attention_mask"], mb, args.token_budget, mode="grad")
         res = bench.run("update_vector", lambda: compute_update_vector(model, opt, U, **kw), kind="grad",
-                        scale=sU, **tf_counts(U, plan_U), repeats=args.repeats) if "update" in stages else None
+                        scale=sU, **tf_counts(U, plan_U), repeats=args.repeats, note=SHARED_NOTE) \
+            if "update" in stages else None
         v = res.vector if res is not None else \
             {n: torch.randn_like(p, dtype=torch.float64) * 1e-2 for n, p in get_trainable_named(model).items()}
     theta = eta_s = js = js2 = None
@@ -605,7 +608,8 @@ def main(argv=None) -> int:
                 r_slow = bench.run(f"straightforward_{name}", slow, kind=kind,
                                    note="one sequence at a time, full width",
                                    **{k: c_slow[k] for k in ("seqs", "computed", "real", "scored")})
-                r_fast = bench.run(f"fast_{name}", fast, kind=kind, note="same rows, bucketed + packed", **c_fast)
+                r_fast = bench.run(f"fast_{name}", fast, kind=kind, note="same rows, bucketed + packed" +
+                                   (f"; {SHARED_NOTE}" if name == "update" else ""), **c_fast)
                 if r_slow is None or r_fast is None:
                     break
             if args.repeats > 1:

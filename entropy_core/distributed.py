@@ -401,7 +401,7 @@ def distributed_gradient(model: torch.nn.Module, params: Mapping[str, torch.nn.P
     N = batch_tensors(batch)[0].shape[0]
     rows = torch.arange(N) if local else shard_groups(batch["group"], mode=shard)
     if len(rows):
-        mine = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "response_mask")}
+        mine = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "response_mask", "group") if k in batch}
         g, _, loss = accumulate_gradient(model, params, mine, coef[rows], microbatch_size=microbatch_size,
                                          temperature=temperature)
     else:                                                            # more ranks than groups

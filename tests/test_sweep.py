@@ -9,6 +9,7 @@ with prefect-ray made unimportable (sequential, said once). Truth: EntropyMeasur
 alone, in this process.
 """
 import csv
+import datetime
 import json
 import math
 import os
@@ -214,6 +215,16 @@ def _close(a, b, path=""):
         assert a == b, f"{path}: {a!r} vs {b!r}"
 
 
+def _measure_run_spans(api_url: str, since: datetime.datetime) -> list[tuple[datetime.datetime, datetime.datetime]]:
+    """(start, end) of every completed `entropy-measure` flow run that started after `since`, sorted."""
+    import httpx
+    runs = httpx.post(f"{api_url}/flow_runs/filter", json={"flows": {"name": {"any_": ["entropy-measure"]}},
+                                                          "limit": 200}).json()
+    spans = [(datetime.datetime.fromisoformat(r["start_time"]), datetime.datetime.fromisoformat(r["end_time"]))
+             for r in runs if r["state_type"] == "COMPLETED" and r["start_time"] and r["end_time"]]
+    return sorted(sp for sp in spans if sp[0] >= since)
+
+
 def _alone(setup, item_cfg, output_dir) -> dict:
     cfg = item_cfg.model_copy(update={"output_dir": str(output_dir)})
     return json.loads(EntropyMeasurements(cfg).run().read_text())
@@ -226,8 +237,11 @@ def test_sweep_through_ray_equals_each_checkpoint_alone_and_reruns_from_cache(tr
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(with_output(setup, tmp_path / "m")))
     ray_args = ("--run-dir", str(run), "--ray", "on", "--ray-num-cpus", "2")
+    t0 = datetime.datetime.now(datetime.timezone.utc)
     first, out = _run_sweep(api_url, config, *ray_args)
     assert "through Ray" in out
+    spans = _measure_run_spans(api_url, since=t0)                     # the three `entropy-measure` subflows
+    assert len(spans) == 3 and any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans   # two at once
     rows = first["rows"]
     assert [(r["label"], r["step"], r["state"]) for r in rows] == [(f"step_{k}", k, "Completed") for k in STEPS]
     items = S.sweep_items(config_from_dict(with_output(setup, tmp_path / "m")), S.SweepConfig(run_dir=str(run)))

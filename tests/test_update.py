@@ -4,15 +4,21 @@ import torch
 
 from entropy_core.params import get_trainable_named
 from entropy_core.scoring import position_ids_from_mask
-from entropy_core.update import compute_update_vector, drgrpo_coefficients
+from entropy_core.update import accumulate_gradient, compute_update_vector, drgrpo_coefficients, shared_prompt_groups
 from tiny import make_lora_model, random_batch
 
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}   # issue 2: real-step agreement per dtype
 LR = {torch.float64: 1e-3, torch.float32: 1e-1}         # fp32: Δθ/lr must stay far above θ's round-off
 
 
-def u_batch():
-    b = random_batch(64, 6, [3, 5], [4, 6, 2], seed=3)
+def u_batch(shared_prompts: bool = False):
+    """Two prompt groups of three; with `shared_prompts` the rows of a group hold the same prompt (as
+    sampled U batches do: lengths 3 and 5), otherwise every row has its own."""
+    b = random_batch(64, 6, [3, 3, 3, 5, 5, 5] if shared_prompts else [3, 5], [4, 6, 2], seed=3)
+    if shared_prompts:
+        prompt = b["attention_mask"].bool() & ~b["response_mask"].bool()                  # (6, L)
+        for rows in ([0, 1, 2], [3, 4, 5]):
+            b["input_ids"][rows] = torch.where(prompt[rows], b["input_ids"][rows[0]], b["input_ids"][rows])
     b["group"] = torch.tensor([0, 0, 0, 1, 1, 1])
     b["advantages"] = torch.tensor([1.0, -0.5, -0.5, 0.3, -0.6, 0.3], dtype=torch.float64)
     return b
@@ -33,9 +39,9 @@ def reference_loss(model, b):
     return total / len(groups)
 
 
-def stepped(dtype, amsgrad, wd=0.1):
+def stepped(dtype, amsgrad, wd=0.1, shared_prompts=False):
     m = make_lora_model(64, dtype=dtype)
-    b = u_batch()
+    b = u_batch(shared_prompts)
     params = list(get_trainable_named(m).values())
     opt = torch.optim.AdamW(params, lr=LR[dtype], weight_decay=wd, amsgrad=amsgrad, betas=(0.9, 0.98), eps=1e-8)
     for k in range(3):                       # a few real steps so m, s, t₀ and amsgrad's max are all non-trivial
@@ -54,8 +60,12 @@ def rel_err(a, b):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("clip", [None, 1e-3])
-def test_update_vector_equals_real_adamw_step(dtype, amsgrad, clip):
-    m, opt, b, params = stepped(dtype, amsgrad)
+@pytest.mark.parametrize("shared", [False, True])
+def test_update_vector_equals_real_adamw_step(dtype, amsgrad, clip, shared):
+    """shared: the rows of a prompt group hold one prompt, so the gradient pass runs each prompt once
+    and shares its keys/values with the group's responses (update.shared_prompt_groups)."""
+    m, opt, b, params = stepped(dtype, amsgrad, shared_prompts=shared)
+    assert (shared_prompt_groups(b) is not None) == shared
     res = compute_update_vector(m, opt, b, microbatch_size=4, clip_norm=clip)
     with torch.no_grad():
         assert res.stats["loss"] == pytest.approx(float(reference_loss(m, b)), rel=1e-5)
@@ -69,6 +79,26 @@ def test_update_vector_equals_real_adamw_step(dtype, amsgrad, clip):
     real = {n: (p.detach().double() - before[n].double()) / LR[dtype] for n, p in get_trainable_named(m).items()}
     assert rel_err(res.vector, real) <= REL_TOL[dtype]
     assert res.stats["num_tensors"] == len(real)
+
+
+@pytest.mark.parametrize("microbatch_size,token_budget", [(1, None), (3, None), (6, None), ("auto", None),
+                                                          (6, 12)])
+def test_shared_prompt_gradient_equals_the_packed_path(microbatch_size, token_budget):
+    """Each prompt run once for its group (whole groups per microbatch, or a group split into row chunks
+    when the budget is smaller: (1, None) and (6, 12)) gives the packed row-by-row gradient, float64."""
+    m, _, b, _ = stepped(torch.float64, False, shared_prompts=True)
+    params = get_trainable_named(m)
+    coef = drgrpo_coefficients(b["advantages"], b["group"], b["response_mask"].sum(-1))
+    ref, _, loss_ref = accumulate_gradient(m, params, b, coef, microbatch_size=4, share_prompts=False)
+    g, _, loss = accumulate_gradient(m, params, b, coef, microbatch_size=microbatch_size, token_budget=token_budget)
+    assert rel_err(g, ref) <= 1e-12 and loss == pytest.approx(loss_ref, rel=1e-12)
+
+
+def test_groups_whose_rows_differ_in_prompt_are_not_shared():
+    b = u_batch(shared_prompts=True)
+    assert shared_prompt_groups(b) is not None
+    b["input_ids"][4, 0] = 3 if int(b["input_ids"][3, 0]) != 3 else 4   # one prompt token of one row
+    assert shared_prompt_groups(b) is None
 
 
 def test_update_vector_uses_saved_weight_decay_not_defaults():
