@@ -261,10 +261,10 @@ class EstimatorConfig(_Section):
                                                           "a tenth of the checkpoint's learning rate.")
     microbatch_size: MicrobatchSize = Field(8, description="Sequences per scoring / JVP pass over E, or 'auto' "
                                                            "(as many as fit in free GPU memory; 1024 tokens on CPU).")
-    attribution: bool = Field(False, description="Per-U-sequence shares of ΔĤ'(0) (DESIGN §1.6): one reverse "
-                                                 "pass over E and forward-mode passes over U.")
-    attribution_groups: int = Field(8, ge=0, description="Groups of E for the attribution error bars (each adds "
-                                                         "a tangent over U); 0 = point estimates only.")
+    attribution: bool = Field(False, description="Per-U-sequence shares of ΔĤ'(0) (DESIGN §1.6): a forward and "
+                                                 "a backward per surrogate over E, one pass over U.")
+    attribution_groups: int = Field(8, ge=0, description="Groups of E for the attribution error bars (they add "
+                                                         "one backward over E); 0 = point estimates only.")
     logw_clip: float | None = Field(None, gt=0, description="Clip SNIS log-weights to ±logw_clip (biased; the clip "
                                                             "fraction is reported); null = no clipping.")
 

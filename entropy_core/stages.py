@@ -724,7 +724,7 @@ def attribution(ckpt: CheckpointRef, e_ref: ArtifactRef, u_ref: ArtifactRef, v_r
     """Which U sequences drive the slope: c_i = ⟨∇Ĥ, v_i⟩ with its se over E (DESIGN §1.6), the
     variance-reduced column, and per sequence the covariance proxy −Cov(log π, A) beside it.
 
-    Uses P and v_base stored by `update_vector`; one reverse pass over E and forward-mode passes over U.
+    Uses P and v_base stored by `update_vector`; one forward over E with a backward per surrogate, and one pass over U for every direction.
     Returns artifact "attribution": (N_U,) columns c, c_se, (c_vr, c_vr_se), advantage, reward, T,
     mean/min token log-prob, entropy, proxy; summary (base, slope, Spearman ρ(proxy, c)) in meta.
     Under torch.distributed rank 0 computes it alone.

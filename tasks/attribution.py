@@ -16,7 +16,7 @@ from .common import (DEFAULT_RETRIES, DEFAULT_RETRY_DELAY_SECONDS, maybe_fault, 
 def attribution(ckpt: stages.CheckpointRef, e_ref: ArtifactRef, u_ref: ArtifactRef, v_ref: ArtifactRef,
                 theta_ref: ArtifactRef, groups: int, variance_reduced: bool, temperature: float, microbatch_size: int,
                 dtype: str, device: str, root: str) -> ArtifactRef:
-    """One reverse pass over E, forward-mode passes over U; one verified artifact of per-U-sequence columns."""
+    """Backward passes over E, one pass over U; one verified artifact of per-U-sequence columns."""
     maybe_fault("attribution")
     ref = stages.attribution(ckpt, e_ref, u_ref, v_ref, theta_ref, groups=groups, variance_reduced=variance_reduced,
                              temperature=temperature, microbatch_size=microbatch_size, dtype=dtype, device=device,
