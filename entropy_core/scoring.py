@@ -107,15 +107,21 @@ def check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_
 
 def token_logprobs_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """S = log softmax(z/τ)[y] and H = -Σ_a p_a log p_a, in float64.
+    """S = log softmax(z/τ)[y] and H = -Σ_a p_a log p_a, in float64, with one exp over the vocabulary:
+    with c = z/τ − max(z/τ), e = exp(c) and s = Σ e, S = c_y − log s and H = log s − Σ e·c / s.
+    (The shift is a constant: both are invariant to it, so it carries no derivative.)
 
     Args: logits (..., V) any float dtype; targets (...) int64.
     Returns: S, H (...) float64.
     """
     z = logits.double()
-    logp = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)   # (..., V); z/1 == z exactly
-    S = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                    # (...)
-    H = -(logp.exp() * logp).sum(-1)                                          # (...)
+    z = z / temperature if temperature != 1.0 else z                          # z/1 == z exactly
+    c = z - z.detach().amax(-1, keepdim=True)                                  # (..., V)
+    e = c.exp()
+    s = e.sum(-1)
+    log_s = s.log()
+    S = c.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_s               # (...)
+    H = log_s - (e * c).sum(-1) / s                                           # (...)
     return S, H
 
 
