@@ -81,3 +81,12 @@ def with_output(config: dict, output_dir: str | Path, **sections) -> dict:
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values}
     return cfg
+
+
+def flatten(x, path: str = "") -> dict:
+    """Every leaf of nested dicts / lists by its path ("true[0].delta_h"), to compare two results.json."""
+    if isinstance(x, dict):
+        return {k: v for key, val in x.items() for k, v in flatten(val, f"{path}.{key}" if path else key).items()}
+    if isinstance(x, list):
+        return {k: v for i, val in enumerate(x) for k, v in flatten(val, f"{path}[{i}]").items()}
+    return {path: x}

@@ -33,7 +33,7 @@ import yaml
 
 from entropy_core.config import ConfigError, config_from_dict, dump_config
 from entropy_core.measure import EntropyMeasurements
-from pipeline_fixtures import build_setup, with_output
+from pipeline_fixtures import build_setup, flatten, with_output
 
 ROOT = Path(__file__).resolve().parents[1]
 REL_TOL = 1e-10
@@ -73,14 +73,6 @@ def _results(p: subprocess.CompletedProcess) -> dict:
     return json.loads(path.read_text())
 
 
-def _flat(x, key: str = "") -> dict[str, float]:
-    if isinstance(x, dict):
-        return {k: v for name, y in x.items() for k, v in _flat(y, f"{key}.{name}" if key else name).items()}
-    if isinstance(x, list):
-        return {k: v for i, y in enumerate(x) for k, v in _flat(y, f"{key}[{i}]").items()}
-    return {key: x} if isinstance(x, (int, float)) and not isinstance(x, bool) else {}
-
-
 def _tolerance(key: str, ref: float, h: float) -> float:
     if key.startswith("quadratic.curvature_fd"):
         return max(REL_TOL * abs(ref), DELTA_H_FLOOR / h ** 2)
@@ -91,7 +83,8 @@ def _tolerance(key: str, ref: float, h: float) -> float:
 
 def assert_same_measurement(got: dict, ref: dict) -> dict[str, float]:
     """Every number of the two results within tolerance, and the same E and U; returns the relative gaps."""
-    a, b = (_flat({k: r[k] for k in NUMBERS}) for r in (got, ref))
+    a, b = ({k: v for k, v in flatten({k: r[k] for k in NUMBERS}).items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)} for r in (got, ref))
     assert set(a) == set(b)
     h = ref["linear"]["fd_step"]
     bad = {k: f"{a[k]!r} vs {b[k]!r}" for k in b if abs(a[k] - b[k]) > _tolerance(k, b[k], h)}

@@ -33,7 +33,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from entropy_core.config import config_from_dict  # noqa: E402
 from entropy_core.measure import EntropyMeasurements  # noqa: E402
-from pipeline_fixtures import build_setup, with_output  # noqa: E402
+from pipeline_fixtures import build_setup, flatten, with_output  # noqa: E402
 from tasks.common import InjectedFault, is_transient, retry_if_transient  # noqa: E402
 
 FLOW = ROOT / "flows" / "measure.py"
@@ -192,7 +192,7 @@ def test_flow_and_entropy_measurements_agree(first, tmp_path):
     config, r_flow = first
     cfg = config_from_dict(with_output(yaml.safe_load(config.read_text()), tmp_path / "plain"))
     r_plain = json.loads(EntropyMeasurements(cfg).run().read_text())
-    flat_flow, flat_plain = _flat(numbers(r_flow)), _flat(numbers(r_plain))
+    flat_flow, flat_plain = flatten(numbers(r_flow)), flatten(numbers(r_plain))
     assert flat_flow.keys() == flat_plain.keys()
     for key, a in flat_flow.items():    # same stages, same arguments, same process type: round-off at most
         if key.endswith("proposal_logq_max_abs_diff"):
@@ -201,14 +201,6 @@ def test_flow_and_entropy_measurements_agree(first, tmp_path):
             assert a < 1e-5 and flat_plain[key] < 1e-5, key
             continue
         assert flat_plain[key] == pytest.approx(a, rel=1e-9, abs=1e-15), key
-
-
-def _flat(x, path=""):
-    if isinstance(x, dict):
-        return {k: v for key, val in x.items() for k, v in _flat(val, f"{path}.{key}").items()}
-    if isinstance(x, list):
-        return {k: v for i, val in enumerate(x) for k, v in _flat(val, f"{path}[{i}]").items()}
-    return {path: x}
 
 
 def test_bad_config_is_one_message_and_exit_2(setup, tmp_path):

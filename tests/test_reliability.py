@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 from entropy_core import artifacts, stages  # noqa: E402
 from entropy_core.artifacts import ArtifactRef, hash_file, load_artifact, verify_artifact  # noqa: E402
 from flows import measure as cli  # noqa: E402
-from pipeline_fixtures import build_setup, with_output  # noqa: E402
+from pipeline_fixtures import build_setup, flatten, with_output  # noqa: E402
 from tiny import make_base_model, make_tokenizer  # noqa: E402
 
 FLOW = ROOT / "flows" / "measure.py"
@@ -169,16 +169,8 @@ def _numbers(results: dict) -> dict:
     return {k: results[k] for k in NUMBERS}
 
 
-def _flat(x, path=""):
-    if isinstance(x, dict):
-        return {k: v for key, val in x.items() for k, v in _flat(val, f"{path}.{key}").items()}
-    if isinstance(x, list):
-        return {k: v for i, val in enumerate(x) for k, v in _flat(val, f"{path}[{i}]").items()}
-    return {path: x}
-
-
 def _assert_numbers_close(got: dict, want: dict, rel: float) -> None:
-    a, b = _flat(_numbers(got)), _flat(_numbers(want))
+    a, b = flatten(_numbers(got)), flatten(_numbers(want))
     assert a.keys() == b.keys()
     for key, value in b.items():
         if isinstance(value, float):
