@@ -113,12 +113,12 @@ def shared_prompt_groups(batch: Mapping) -> list[torch.Tensor] | None:
     return groups if same else None
 
 
-def _shared_prompt_plan(batch: Mapping, groups: list[torch.Tensor], max_rows: int | None, budget: int | None
-                        ) -> list[list[torch.Tensor]]:
+def _shared_prompt_plan(spans: tuple[torch.Tensor, ...], groups: list[torch.Tensor], max_rows: int | None,
+                        budget: int | None) -> list[list[torch.Tensor]]:
     """Microbatches as lists of pieces (rows of one group): whole groups while the microbatch keeps to
     `max_rows` rows and to `budget` tokens (k·P_max + n·R_max); a group too large alone is split into row
-    chunks, each of which recomputes its prompt."""
-    _, _, P, R = _spans(batch)
+    chunks, each of which recomputes its prompt. spans: `_spans` of the batch."""
+    _, _, P, R = spans
 
     def fits(pieces: list[torch.Tensor]) -> bool:
         heads, rows = torch.stack([c[0] for c in pieces]), torch.cat(pieces)
@@ -138,14 +138,15 @@ def _shared_prompt_plan(batch: Mapping, groups: list[torch.Tensor], max_rows: in
     return plan + ([cur] if cur else [])
 
 
-def _shared_prompt_S(model, batch: Mapping, pieces: list[torch.Tensor], temperature: float) -> torch.Tensor:
+def _shared_prompt_S(model, batch: Mapping, spans: tuple[torch.Tensor, ...], pieces: list[torch.Tensor],
+                     temperature: float) -> torch.Tensor:
     """S_i of the rows of `pieces` (each: rows sharing one prompt), in that order, each prompt run once:
     its keys/values are repeated for its rows and its last hidden state predicts their first response
     token. Differentiable; equals scoring the rows one by one up to summation order. (n,) float64."""
     decoder, head, _, _ = _split_route(model, None)
     device = next(model.parameters()).device
     ids, rm = batch["input_ids"].cpu(), batch["response_mask"].cpu()
-    start, first, P, R = _spans(batch)
+    start, first, P, R = spans
     rows, heads = torch.cat(pieces), torch.stack([c[0] for c in pieces])
     owner = torch.arange(len(pieces)).repeat_interleave(torch.tensor([len(c) for c in pieces]))   # (n,) piece
     p_mask = (torch.arange(int(P[heads].max()))[None] < P[heads][:, None]).long()                 # (k, P_max)
@@ -153,7 +154,7 @@ def _shared_prompt_S(model, batch: Mapping, pieces: list[torch.Tensor], temperat
     r_mask = (torch.arange(int(R[rows].max()))[None] < R[rows][:, None]).long()                    # (n, R_max)
     r_ids, r_scored = _columns(ids[rows], first[rows], R[rows]), _columns(rm[rows], first[rows], R[rows])
 
-    cache = DynamicCache(config=decoder.config)          # passed as `cache` (transformers ≥ 5.2x) or `past_key_values`
+    cache = DynamicCache(config=decoder.config)     # the kwarg: `cache` in newer transformers, else `past_key_values`
     kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     h_p = decoder(p_ids.to(device), attention_mask=p_mask.to(device), position_ids=position_ids_from_mask(
         p_mask).to(device), use_cache=True, **{kw: cache}).last_hidden_state                      # (k, P_max, d)
@@ -190,11 +191,12 @@ def accumulate_gradient(model, params: Mapping[str, torch.nn.Parameter], batch: 
     groups = shared_prompt_groups(batch) if share_prompts and not per_sequence and _split_route(model, None) \
         else None
     if groups is not None:      # each prompt runs once per microbatch; its responses share its keys/values
-        _, _, P, R = _spans(batch)          # as resolve_microbatching: "auto" = no row cap, a token budget
+        spans = _spans(batch)               # as resolve_microbatching: "auto" = no row cap, a token budget
+        _, _, P, R = spans
         auto = microbatch_size == "auto"
         budget = token_budget if token_budget is not None or not auto else \
             auto_token_budget(model, width=int((P + R).max()), mode="grad")
-        plan = _shared_prompt_plan(batch, groups, None if auto else microbatch_size, budget)
+        plan = _shared_prompt_plan(spans, groups, None if auto else microbatch_size, budget)
     else:
         plan = resolve_microbatching(model, cols[1], 1 if per_sequence else microbatch_size, token_budget,
                                      mode="grad")
@@ -202,7 +204,7 @@ def accumulate_gradient(model, params: Mapping[str, torch.nn.Parameter], batch: 
     for mb in plan:
         if groups is not None:
             rows = torch.cat(mb)
-            loss = _weighted_sum(_shared_prompt_S(model, batch, mb, temperature), coef[rows], rows)
+            loss = _weighted_sum(_shared_prompt_S(model, batch, spans, mb, temperature), coef[rows], rows)
         else:
             loss = drgrpo_loss(model, *(t.to(device) for t in mb.pack(*cols)), coef[mb.rows],
                                temperature=temperature)
