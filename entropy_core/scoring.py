@@ -232,6 +232,64 @@ def scored_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, atten
     return chunked_logprobs_entropy(z, input_ids[:, first:][m], temperature, entropy=entropy)
 
 
+@dataclass
+class HeadGradients:
+    """The decoder output at the scored positions, with its graph, and S, H with their gradients
+    with respect to it. A loss Σ α S + β H (per-token α, β) then backpropagates from x alone:
+    `torch.autograd.grad(x, params, α[:, None] dS_dx + β[:, None] dH_dx)`. All (M, ...) in the order
+    of response_mask.nonzero()."""
+    x: torch.Tensor                 # (M, d) decoder output, with graph
+    S: torch.Tensor                 # (M,) float64
+    dS_dx: torch.Tensor             # (M, d) in x's dtype
+    H: torch.Tensor | None          # (M,) float64; None unless entropy
+    dH_dx: torch.Tensor | None      # (M, d)
+
+
+def head_gradients(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   response_mask: torch.Tensor, *, temperature: float = 1.0, entropy: bool = True,
+                   chunk_elements: int = HEAD_CHUNK_ELEMENTS) -> HeadGradients | None:
+    """One decoder forward with graph, then the vocabulary projection in closed form, a chunk at a time.
+
+    With z = x Wᵀ/τ, p = softmax(z), S = log p_y and H = −Σ p log p:
+        ∂S/∂z = e_y − p,   ∂H/∂z = −p ⊙ (log p + H),   and ∂/∂x = (∂/∂z) W / τ.
+    Several surrogates over the same batch then share one head pass instead of recomputing and
+    differentiating the (M, V) float64 log-softmax in every backward (it holds no graph at all).
+    The gradients are formed in float64 and cast to W's dtype before the product with W, as autograd
+    does. Returns None when the head is not a plain frozen Linear after the decoder (a trainable head
+    needs its own gradient; other models go through `scored_token_logprobs`).
+    """
+    route = _split_route(model, None)
+    if route is None:
+        return None
+    decoder, head = route[0], route[1]
+    if not isinstance(head, torch.nn.Linear) or any(p.requires_grad for p in head.parameters()):
+        return None
+    rm = response_mask.bool()
+    h = decoder(input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False).last_hidden_state                            # (n, L, d)
+    x = h[:, :-1][rm[:, 1:]]                                                 # (M, d) position t-1 predicts t
+    y = input_ids[:, 1:][rm[:, 1:]]                                          # (M,)
+    W = head.weight                                                          # (V, d)
+    c = max(1, chunk_elements // W.shape[0])
+    S, H, dS, dH = [], [], [], []
+    with torch.no_grad():
+        for xc, yc in zip(x.detach().split(c), y.split(c)):
+            z = head(xc).double()
+            logp = torch.log_softmax(z / temperature if temperature != 1.0 else z, -1)    # (m, V)
+            p = logp.exp()
+            S.append(logp.gather(-1, yc[:, None]).squeeze(-1))
+            grads = []
+            if entropy:
+                Hc = -(p * logp).sum(-1)                                     # (m,)
+                H.append(Hc)
+                grads.append((logp.add_(Hc[:, None]).mul_(p).neg_(), dH))    # ∂H/∂z = −p (log p + H), (m, V)
+            gS = p.neg_().scatter_add_(-1, yc[:, None], torch.ones(len(yc), 1, dtype=p.dtype, device=p.device))
+            for g, out in [(gS, dS)] + grads:                                # gS = ∂S/∂z = e_y − p
+                out.append((g / temperature if temperature != 1.0 else g).to(W.dtype) @ W)   # (m, d)
+    return HeadGradients(x, torch.cat(S), torch.cat(dS), torch.cat(H) if entropy else None,
+                         torch.cat(dH) if entropy else None)
+
+
 def _raise_if_nonfinite(name: str, x: torch.Tensor, rows: torch.Tensor) -> None:
     """x (M,) per-token values; rows (M,) the original sequence index of each token."""
     bad = rows[~torch.isfinite(x).cpu()].unique()

@@ -140,3 +140,21 @@ def test_attribution_stage_in_a_measurement(tmp_path):
     assert {"c_se", "c_vr", "advantage", "reward", "logp_mean", "logp_min", "entropy_mean", "proxy",
             "response"} <= set(rows[0])
     assert open(attr["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_closed_form_head_equals_autograd_through_the_head(setup, monkeypatch):
+    """The E and U passes backpropagate from the decoder output with closed-form head gradients; the
+    surrogates' gradients and the U shares equal those of autograd through the scored log-softmax
+    (the path every other model takes)."""
+    m, upd, u, e, theta, res = setup
+    a = drgrpo_coefficients(u["advantages"], u["group"], u["response_mask"].sum(-1))
+    fast = surrogate_gradients(m, e, theta, groups=4, microbatch_size=5)
+    fast_u = _shares(m, u, upd, fast[0], a, 1.0, 5)                       # (4, N_U) by the reverse U pass
+    monkeypatch.setattr("entropy_core.estimators.attribution.head_gradients", lambda *a, **k: None)
+    plain = surrogate_gradients(m, e, theta, groups=4, microbatch_size=5)
+    plain_u = _shares(m, u, upd, fast[0], a, 1.0, 5)
+    assert float((fast_u - plain_u).abs().max() / plain_u.abs().max()) <= SAME_RTOL
+    for name, f, p in (("u_k", fast[0], plain[0]), ("z_k", fast[1], plain[1]), ("y", [fast[2]], [plain[2]])):
+        for gf, gp in zip(f, p):
+            for n in gp:
+                assert float((gf[n] - gp[n]).abs().max() / gp[n].abs().max()) <= SAME_RTOL, f"{name} {n}"

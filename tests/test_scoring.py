@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from entropy_core.params import get_trainable_named
-from entropy_core.scoring import ScoringError, jvp_scores, position_ids_from_mask, score_tokens
+from entropy_core.scoring import (ScoringError, head_gradients, jvp_scores, position_ids_from_mask, score_tokens,
+                                  scored_token_logprobs)
 from tiny import make_lora_model, random_batch
 
 
@@ -34,6 +35,36 @@ def test_scores_match_full_logits_reference(temperature):
     torch.testing.assert_close(ts.H, H, rtol=0, atol=1e-12)
     st = ts.per_sequence()
     assert st.T.tolist() == b["response_mask"].sum(-1).double().tolist()
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_closed_form_head_gradients_equal_autograd(dtype, rtol, temperature):
+    """A surrogate Σ α S + β H backpropagated from the decoder output with the closed-form head
+    gradients gives the parameter gradient of autograd through the scored log-softmax."""
+    m = make_lora_model(50, dtype=dtype)
+    b = random_batch(50, 4, [2, 5], [4, 1, 6], seed=3)
+    args = (b["input_ids"], b["attention_mask"], b["response_mask"])
+    params = list(get_trainable_named(m).values())
+    hg = head_gradients(m, *args, temperature=temperature, chunk_elements=3 * 50)   # 3 positions a chunk
+    S, H = scored_token_logprobs(m, *args, temperature=temperature)
+    torch.testing.assert_close(hg.S, S, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+    torch.testing.assert_close(hg.H, H, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+    g = torch.Generator().manual_seed(0)
+    alpha, beta = torch.randn(len(S), generator=g, dtype=torch.float64), torch.randn(len(S), generator=g,
+                                                                                    dtype=torch.float64)
+    ref = torch.autograd.grad((alpha * S + beta * H).sum(), params)
+    seed = (alpha[:, None] * hg.dS_dx + beta[:, None] * hg.dH_dx).to(hg.x.dtype)
+    got = torch.autograd.grad(hg.x, params, seed)
+    for r, x in zip(ref, got):
+        assert float((x - r).abs().max() / r.abs().max()) <= rtol
+
+
+def test_closed_form_head_gradients_refuse_a_trainable_head():
+    m = make_lora_model(50)
+    m.get_base_model().lm_head.weight.requires_grad_(True)
+    b = random_batch(50, 2, [2], [3], seed=3)
+    assert head_gradients(m, b["input_ids"], b["attention_mask"], b["response_mask"]) is None
 
 
 def test_position_ids_follow_generate():

@@ -10,9 +10,11 @@ The surrogate, with ω_j the proposal ratio, D = Σ ω T and H̄ = Σ ω H / D (
     exact:  L = Σ_j ω_j [H_j + (H_j − H̄ T_j) S_j] / D                     (∇L = ∇Ĥ, DESIGN §1.3)
     vr:     L = Σ_j ω_j [H_j + Σ_k (R_{j,k} − c_k) S_{j,k}] / D              (DESIGN §1.4)
 Both columns share the work. Over E: ONE forward feeds one backward per surrogate (the graph is kept
-for the second). Over U: with LoRA every direction lives on nn.Linear weights, and ONE forward + ONE
-backward of Σ_i S_i give every row's gradient at every Linear output, from which D_d S_i follows for
-any number of directions d by small einsums (`_directional_S_reverse`); other parameters fall back to
+for the next); for plain-head models the vocabulary projection's gradients are formed once in closed
+form (`scoring.head_gradients`) and each backward starts at the decoder output. Over U: with LoRA
+every direction lives on nn.Linear weights, and ONE forward + ONE backward of Σ_i S_i give every
+row's gradient at every Linear output, from which D_d S_i follows for any number of directions d by
+small einsums (`_directional_S_reverse`); other parameters fall back to
 ONE forward-mode pass with the directions as a batch of tangents on one primal (vmap over one jvp).
 Standard errors with respect to E: E is split into K groups and the per-group pieces u_k of u are
 kept (same reverse pass, accumulated per group). A K-group delta-method jackknife of the whole ratio
@@ -31,7 +33,7 @@ from torch.func import jvp, vmap
 
 from ..fastpaths import resolve_microbatching
 from ..params import dot_named, get_trainable_named
-from ..scoring import (TokenScores, check_batch, constant_weight_linears, forward_ad_attention,
+from ..scoring import (TokenScores, check_batch, constant_weight_linears, forward_ad_attention, head_gradients,
                        scored_token_logprobs)
 from ..update import UpdateResult, drgrpo_coefficients
 from .linear import _vr_coefficients
@@ -65,7 +67,8 @@ def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores
 
     Each surrogate is Σ_tok α_tok S_tok + β Σ_j ω_j H_j / D with its own per-token α (β = 1 for the
     two surrogates, 0 for Y), so one forward per microbatch (length-bucketed and packed, `fastpaths`)
-    serves every surrogate: one backward each, the graph kept until the last.
+    serves every surrogate: one backward each, the graph kept until the last. Each backward starts at
+    the decoder output with α dS/dx + β dH/dx from `head_gradients` when the model allows it.
     Args: theta_scores: the θ pass over the same batch (S, H per token) — fixes ω, H̄, D and the vr
           coefficients. groups: K contiguous groups of E for the error bars; 0 = none (one group, no Y).
     Returns: (u_k list, z_k list or None, y or None, index groups, C_k / D, D_k / D as (K,) float64, H̄).
@@ -95,14 +98,21 @@ def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores
     for idx, acc_k in zip(idx_groups, acc):
         sub = [t[idx] for t in (ids, am, rm)]
         for mb in resolve_microbatching(model, sub[1], microbatch_size, None, mode="grad"):
-            S, H = scored_token_logprobs(model, *(t.to(device) for t in mb.pack(*sub)),
-                                         temperature=temperature)                   # (M,) each, with graph
+            packed = [t.to(device) for t in mb.pack(*sub)]
             r, col = mb.scored_coordinates(sub[2])                                   # (M,) within the group
             r, col = idx[r].to(device), col.to(device)                               # original coordinates
-            entropy_part = (w_dev[r] * H).sum()                                      # Σ ω H_j / D
+            hg = head_gradients(model, *packed, temperature=temperature)
+            if hg is None:                                                           # any other model
+                S, H = scored_token_logprobs(model, *packed, temperature=temperature)  # (M,) each, with graph
             for j, (b, g_acc) in enumerate(zip(beta, acc_k)):
-                loss = (alpha[j, r, col] * S).sum() + b * entropy_part
-                grads = torch.autograd.grad(loss, tensors, retain_graph=j < len(beta) - 1, allow_unused=True)
+                keep = j < len(beta) - 1
+                if hg is not None:                                                   # backward from x
+                    g_x = (alpha[j, r, col][:, None] * hg.dS_dx + (b * w_dev[r])[:, None] * hg.dH_dx)
+                    grads = torch.autograd.grad(hg.x, tensors, g_x.to(hg.x.dtype), retain_graph=keep,
+                                                allow_unused=True)
+                else:
+                    loss = (alpha[j, r, col] * S).sum() + b * (w_dev[r] * H).sum()   # Σ α S + β Σ ω H_j / D
+                    grads = torch.autograd.grad(loss, tensors, retain_graph=keep, allow_unused=True)
                 for n, g in zip(named, grads):
                     if g is not None:
                         g_acc[n] += g.double()
@@ -139,9 +149,11 @@ def _directional_S_reverse(model, ids, am, rm, sites, tangents, temperature, mic
             return lambda mod, inp, y: seen[name].append((inp[0].detach(), y))       # x (n, W, in), y (n, W, out)
 
         handles = [m.register_forward_hook(keep(n)) for n, m in sites.items()]
+        packed = [t.to(device) for t in mb.pack(ids, am, rm)]
         try:
-            S, _ = scored_token_logprobs(model, *(t.to(device) for t in mb.pack(ids, am, rm)),
-                                         temperature=temperature, entropy=False)     # (M,) with graph
+            hg = head_gradients(model, *packed, temperature=temperature, entropy=False)
+            if hg is None:                                                           # any other model
+                S, _ = scored_token_logprobs(model, *packed, temperature=temperature, entropy=False)  # (M,)
         finally:
             for h in handles:
                 h.remove()
@@ -150,7 +162,8 @@ def _directional_S_reverse(model, ids, am, rm, sites, tangents, temperature, mic
             raise RuntimeError(f"{len(missing)} Linear modules with attribution directions did not run in the "
                                f"forward: {', '.join(missing)}")
         calls = [(n, x, y) for n, c in seen.items() for x, y in c]
-        gys = torch.autograd.grad(S.sum(), [y for _, _, y in calls], allow_unused=True)
+        root, seed = (S.sum(), None) if hg is None else (hg.x, hg.dS_dx)             # ∂ Σ S_i / ∂y at each call
+        gys = torch.autograd.grad(root, [y for _, _, y in calls], seed, allow_unused=True)
         dS = torch.zeros(out.shape[0], len(mb.rows), dtype=torch.float64, device=device)      # (k, n)
         for (n, x, _), gy in zip(calls, gys):
             if gy is not None:
