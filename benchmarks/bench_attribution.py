@@ -9,9 +9,12 @@ this process's CPU time with one thread (immune to other processes on a shared m
 `--repeats` runs after a warm-up; wall times are kept in the JSON. Rows:
   exact          point estimate of the exact column alone: 1 forward + 1 backward over E, 1 direction over U
   exact+vr       both columns: 1 forward + 2 backwards over E; over U one forward + one backward (LoRA
-                 weights are Linear weights: `_directional_S_reverse`), any number of directions
+                 weights are Linear weights: `_directional_S_reverse`), any number of directions; that
+                 pass also gives the per-token S, H of U for the stage's table, so it is the stage's
+                 whole work over U
   exact+vr+se    both columns with K-group error bars: 3 backwards over E, 2K + 1 directions in the same U pass
-  exact+vr/fwd   both columns, U by the general forward-mode pass (one jvp, 2 tangents vmapped)
+  exact+vr/fwd   both columns, U by the general forward-mode pass (one jvp, 2 tangents vmapped, then a
+                 no-grad pass for U's scores)
   per_sequence   B_U·G backward passes of one sequence each, then ⟨u, v_i⟩; holds B_U·G gradient vectors
                  (at the seed's scale, 512 × 73.9M float64 ≈ 300 GB). On a CPU its time is FLOP-bound
                  and so close to one batched pass; on a GPU it is bound by the number of passes.
@@ -92,8 +95,8 @@ def main(argv=None):
     coef = drgrpo_coefficients(u["advantages"], u["group"], u["response_mask"].sum(-1))
     n_params = sum(p.numel() for p in params)
 
-    def shares(dirs, mode="auto"):
-        return lambda: _shares(model, u, upd, dirs, coef, 1.0, mb, mode)
+    def shares(dirs, mode="auto"):       # the shares; the U scores the stage also takes from this pass are dropped
+        return lambda: _shares(model, u, upd, dirs, coef, 1.0, mb, mode)[0]
 
     rows, grads, c = {}, {}, {}
     for name, vr, K in (("exact", False, 0), ("exact+vr", True, 0), ("exact+vr+se", True, a.groups)):

@@ -20,7 +20,8 @@ the width the straightforward path pays for at the seed's scale.
 FLOP model ("useful" model FLOPs, a lower bound on the work done): a forward over a batch costs
 2·P_lin·T_real + 2·P_head·T_scored, where P_lin counts the weights of every Linear in the decoder (LoRA
 A and B included, embeddings excluded), P_head = V·d the vocabulary projection, T_real the non-pad
-tokens and T_scored the response tokens; attention's O(L²) term is left out (≈1.5% at L ≈ 270 for the
+tokens and T_scored the response tokens (θ and η passes run each LoRA Linear as one matmul with
+W + s·B·A, `scoring.merged_lora_linears`, so for them P_lin leaves A and B out); attention's O(L²) term is left out (≈1.5% at L ≈ 270 for the
 1.5B shape). A gradient pass counts 2 forwards (backward through frozen weights = activation
 gradients only; LoRA weight gradients are negligible), a JVP 2 (primal + tangent), a nested JVP 4.
 Sampling counts 2·P_lin·(prompt + kept response tokens) + 2·P_head·(kept response tokens).
@@ -96,7 +97,7 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2      # special ids of the random-model word-lev
 # `--prompt-len gsm8k_r1`: prompt-token quantiles of the real gsm8k_r1_template train prompts (first 3000,
 # SmolLM2 tokenizer; min 101, median 144, max 283), sampled by piecewise-linear inverse CDF.
 GSM8K_R1_PROMPT_QUANTILES = ((0.0, 101), (0.1, 125), (0.5, 144), (0.9, 177), (0.99, 218), (1.0, 283))
-FLOP_MULT = {"forward": 1, "grad": 2, "jvp": 2, "jvp2": 4}
+FLOP_MULT = {"forward": 1, "score": 1, "grad": 2, "jvp": 2, "jvp2": 4}
 ETA = 1e-3                            # one η pass; the value does not change the cost
 N_ETA = 5                             # η passes in the whole-measurement total (issue 6: 5 η)
 SHARED_NOTE = ("each group's prompt runs once (update.shared_prompt_groups); tokens and FLOPs are counted "
@@ -163,13 +164,15 @@ def real_model(name: str, dtype: torch.dtype, device: torch.device, r: int = 64)
     return model.eval(), tok
 
 
-def flop_params(model) -> tuple[int, int]:
-    """(P_lin, P_head): weights of the decoder's Linear layers (LoRA included) and of the vocabulary head."""
+def flop_params(model) -> tuple[int, int, int]:
+    """(P_lin, P_head, P_lora): weights of the decoder's Linear layers (LoRA included), of the vocabulary
+    head, and of the LoRA A and B matrices alone."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     p_lin = sum(m.weight.numel() for m in model.modules()
                 if isinstance(m, torch.nn.Linear) and m is not head)
-    return p_lin, head.weight.numel()
+    p_lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n)
+    return p_lin, head.weight.numel(), p_lora
 
 
 def parse_range(s: str) -> tuple[int, int]:
@@ -279,9 +282,9 @@ def matmul_ceiling(device: torch.device) -> dict:
 
 
 class Bench:
-    def __init__(self, device, dtype, ceiling, p_lin, p_head, time_budget, out_path: Path, meta: dict):
+    def __init__(self, device, dtype, ceiling, p_lin, p_head, p_lora, time_budget, out_path: Path, meta: dict):
         self.device, self.dtype, self.ceiling = device, dtype, ceiling
-        self.p_lin, self.p_head, self.budget = p_lin, p_head, time_budget
+        self.p_lin, self.p_head, self.p_lora, self.budget = p_lin, p_head, p_lora, time_budget
         self.out_path, self.meta = out_path, meta
         self.t_start = time.perf_counter()
         self.rows: list[dict] = []
@@ -367,7 +370,8 @@ class Bench:
             c = counts(result)
             seqs, computed, real, scored = c.pop("seqs"), c.pop("computed"), c.pop("real"), c.pop("scored")
             row.update(c, sequences=seqs, computed_tokens=computed, useful_tokens=real, scored_tokens=scored)
-        flops = FLOP_MULT[kind] * 2 * (self.p_lin * real + self.p_head * scored) if kind in FLOP_MULT else 0
+        p_lin = self.p_lin - self.p_lora if kind == "score" else self.p_lin    # merged LoRA: no A, B matmuls
+        flops = FLOP_MULT[kind] * 2 * (p_lin * real + self.p_head * scored) if kind in FLOP_MULT else 0
         ceil = self.ceiling.get(str(self.dtype).removeprefix("torch."), 0.0)
         r = row["cpu_seconds"] if cpu_clock(self.device) else s          # the clock rates are measured on
         row.update(seconds=s, tokens_per_s=computed / r, useful_tokens_per_s=real / r,
@@ -469,7 +473,7 @@ def main(argv=None) -> int:
     model, tok = random_model(shape, dtype, device, args.seed) if shape else real_model(args.model, dtype, device)
     base = model.get_base_model()
     V = base.config.vocab_size
-    p_lin, p_head = flop_params(model)
+    p_lin, p_head, p_lora = flop_params(model)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in get_trainable_named(model).values())
     log(f"model: {n_params / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable, P_lin {p_lin / 1e6:.1f}M, "
@@ -485,12 +489,12 @@ def main(argv=None) -> int:
                 threads=torch.get_num_threads(), B_E=args.B_E, measure_rows=args.measure_rows, B_U=args.B_U, G=args.G, prompt_len=args.prompt_len,
                 new_tokens=args.new_tokens, microbatch=args.microbatch, token_budget=args.token_budget,
                 tf_batch=args.tf_batch, target_B_E=args.target_B_E, target_B_U=args.target_B_U,
-                params=n_params, trainable=n_train, P_lin=p_lin, P_head=p_head,
+                params=n_params, trainable=n_train, P_lin=p_lin, P_head=p_head, P_lora=p_lora,
                 rate_clock="process CPU time (CPU, 1 thread)" if cpu_clock(device) else "wall time",
                 flop_model="useful FLOPs = mult * 2 * (P_lin * real tokens + P_head * scored tokens); mult: forward 1, "
                            "grad 2, jvp 2, jvp2 4; attention L^2 term and embeddings excluded",
                 argv=sys.argv[1:] if argv is None else list(argv))
-    bench = Bench(device, dtype, ceiling, p_lin, p_head, args.time_budget, out, meta)
+    bench = Bench(device, dtype, ceiling, p_lin, p_head, p_lora, args.time_budget, out, meta)
     n_E = min(args.measure_rows or args.B_E, args.B_E)      # E rows the stages run on
     sE = (args.target_B_E or args.B_E) / n_E
     sU = args.target_B_U / args.B_U if args.target_B_U else 1.0
@@ -571,11 +575,11 @@ def main(argv=None) -> int:
             {n: torch.randn_like(p, dtype=torch.float64) * 1e-2 for n, p in get_trainable_named(model).items()}
     theta = eta_s = js = js2 = None
     if "theta" in stages or "report" in stages:
-        theta = bench.run("theta_pass", lambda: score_tokens(model, Eids, Eam, Erm, **kw), kind="forward",
+        theta = bench.run("theta_pass", lambda: score_tokens(model, Eids, Eam, Erm, **kw), kind="score",
                           scale=sE, **cE, repeats=args.repeats)
     if "eta" in stages or "report" in stages:
         eta_s = bench.run("eta_pass", lambda: score_tokens(model, Eids, Eam, Erm, v=v, eta=ETA, **kw),
-                          kind="forward", scale=sE, **cE, repeats=args.repeats)
+                          kind="score", scale=sE, **cE, repeats=args.repeats)
     if "jvp" in stages or "report" in stages:
         plan = resolve_microbatching(model, Eam, mb, args.token_budget, mode="jvp")
         js = bench.run("jvp_exact_slope", lambda: jvp_scores(model, Eids, Eam, Erm, v, order=1, **kw), kind="jvp",
@@ -608,8 +612,9 @@ def main(argv=None) -> int:
                 r_slow = bench.run(f"straightforward_{name}", slow, kind=kind,
                                    note="one sequence at a time, full width",
                                    **{k: c_slow[k] for k in ("seqs", "computed", "real", "scored")})
-                r_fast = bench.run(f"fast_{name}", fast, kind=kind, note="same rows, bucketed + packed" +
-                                   (f"; {SHARED_NOTE}" if name == "update" else ""), **c_fast)
+                r_fast = bench.run(f"fast_{name}", fast, kind="score" if kind == "forward" else kind,
+                                   note="same rows, bucketed + packed" + (f"; {SHARED_NOTE}" if name == "update" else ""),
+                                   **c_fast)
                 if r_slow is None or r_fast is None:
                     break
             if args.repeats > 1:

@@ -724,7 +724,8 @@ def attribution(ckpt: CheckpointRef, e_ref: ArtifactRef, u_ref: ArtifactRef, v_r
     """Which U sequences drive the slope: c_i = ⟨∇Ĥ, v_i⟩ with its se over E (DESIGN §1.6), the
     variance-reduced column, and per sequence the covariance proxy −Cov(log π, A) beside it.
 
-    Uses P and v_base stored by `update_vector`; one forward over E with a backward per surrogate, and one pass over U for every direction.
+    Uses P and v_base stored by `update_vector`; one forward over E with a backward per surrogate, and
+    one pass over U for every direction (which also gives U's per-token log-probs and entropies).
     Returns artifact "attribution": (N_U,) columns c, c_se, (c_vr, c_vr_se), advantage, reward, T,
     mean/min token log-prob, entropy, proxy; summary (base, slope, Spearman ρ(proxy, c)) in meta.
     Under torch.distributed rank 0 computes it alone.
@@ -744,8 +745,7 @@ def attribution(ckpt: CheckpointRef, e_ref: ArtifactRef, u_ref: ArtifactRef, v_r
             lambda m: attribute(model, E, U, upd, theta, v_base=v_base, groups=groups,
                                 variance_reduced=variance_reduced, temperature=temperature, microbatch_size=m),
             microbatch_size, what="attribution", log=log)
-        Ut = score_tokens(model, U.input_ids, U.attention_mask, U.response_mask, temperature=temperature,
-                          microbatch_size=mb)                                  # per-token S, H of U at θ
+        Ut = res.u_scores                                                     # per-token S, H of U at θ
         st, m = Ut.per_sequence(), Ut.mask
         token_S = Ut.S.masked_fill(~m, float("inf"))
         proxy = covariance_proxy(Ut.S, m, U.advantages)

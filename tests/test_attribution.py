@@ -102,8 +102,8 @@ def test_one_pass_equals_each_column_computed_separately(setup):
     exact = attribute(m, e, u, upd, theta, v_base=upd.base, groups=0, variance_reduced=False, microbatch_size=5)
     uk, zk, *_ = surrogate_gradients(m, e, theta, groups=0, microbatch_size=5)
     a = drgrpo_coefficients(u["advantages"], u["group"], u["response_mask"].sum(-1))
-    vr = _shares(m, u, upd, zk, a, 1.0, 5)[0]                       # the vr direction in a pass of its own
-    fwd = _shares(m, u, upd, uk + zk, a, 1.0, 5, mode="forward")    # (2, N_U), one jvp, two tangents
+    vr = _shares(m, u, upd, zk, a, 1.0, 5)[0][0]                    # the vr direction in a pass of its own
+    fwd, fwd_scores = _shares(m, u, upd, uk + zk, a, 1.0, 5, mode="forward")   # (2, N_U), one jvp, two tangents
 
     def rel(x, ref):
         return float((x - ref).abs().max() / ref.abs().max())
@@ -114,6 +114,11 @@ def test_one_pass_equals_each_column_computed_separately(setup):
         assert rel(x, ref) <= SAME_RTOL, f"{name}: {rel(x, ref):.1e}"
     assert both.passes == {"e_forward": 1, "e_backward": 2, "u_pass": "reverse", "u_directions": 2}
     assert res.passes == {"e_forward": 1, "e_backward": 3, "u_pass": "reverse", "u_directions": 9}
+    ref = score_tokens(m, u["input_ids"], u["attention_mask"], u["response_mask"])     # U's own θ pass
+    for scores in (both.u_scores, fwd_scores):                      # from the reverse and forward U passes
+        assert torch.equal(scores.mask, ref.mask)
+        torch.testing.assert_close(scores.S, ref.S, rtol=0, atol=1e-12)
+        torch.testing.assert_close(scores.H, ref.H, rtol=0, atol=1e-12)
 
 
 def test_attribution_stage_in_a_measurement(tmp_path):
@@ -149,11 +154,13 @@ def test_closed_form_head_equals_autograd_through_the_head(setup, monkeypatch):
     m, upd, u, e, theta, res = setup
     a = drgrpo_coefficients(u["advantages"], u["group"], u["response_mask"].sum(-1))
     fast = surrogate_gradients(m, e, theta, groups=4, microbatch_size=5)
-    fast_u = _shares(m, u, upd, fast[0], a, 1.0, 5)                       # (4, N_U) by the reverse U pass
+    fast_u, fast_scores = _shares(m, u, upd, fast[0], a, 1.0, 5)          # (4, N_U) by the reverse U pass
     monkeypatch.setattr("entropy_core.estimators.attribution.head_gradients", lambda *a, **k: None)
     plain = surrogate_gradients(m, e, theta, groups=4, microbatch_size=5)
-    plain_u = _shares(m, u, upd, fast[0], a, 1.0, 5)
+    plain_u, plain_scores = _shares(m, u, upd, fast[0], a, 1.0, 5)
     assert float((fast_u - plain_u).abs().max() / plain_u.abs().max()) <= SAME_RTOL
+    torch.testing.assert_close(fast_scores.S, plain_scores.S, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fast_scores.H, plain_scores.H, rtol=0, atol=1e-12)
     for name, f, p in (("u_k", fast[0], plain[0]), ("z_k", fast[1], plain[1]), ("y", [fast[2]], [plain[2]])):
         for gf, gp in zip(f, p):
             for n in gp:

@@ -16,7 +16,7 @@ from entropy_core.fastpaths import (CPU_TOKEN_BUDGET, MicrobatchingError, auto_t
                                     resolve_microbatching)
 from entropy_core.params import get_trainable_named
 from entropy_core.scoring import (ScoringError, _split_route, chunked_logprobs_entropy, constant_weight_linears,
-                                  jvp_scores, score_tokens, token_logprobs_entropy)
+                                  jvp_scores, merged_lora_linears, score_tokens, token_logprobs_entropy)
 from entropy_core.update import compute_update_vector
 from test_update import stepped
 from tiny import make_lora_model, random_batch
@@ -202,6 +202,27 @@ def test_score_tokens_equals_one_at_a_time(models, dtype):
                       microbatch_size=4, token_budget=30)
     assert_rel(ts.S, score_one_at_a_time(m, b["input_ids"], b["attention_mask"], b["response_mask"],
                                          temperature=0.8).S, REL_TOL[dtype], "S token_budget=30")
+
+
+def test_merged_lora_forward_replaces_every_vanilla_lora_linear_and_only_those(models):
+    """score_tokens runs each LoRA Linear as one matmul with W + s B A (the equality with the
+    three-matmul path is test_score_tokens_equals_one_at_a_time); a layer with active dropout keeps
+    peft's own forward, and everything is restored on exit."""
+    m = models[torch.float64]
+    lora = [mod for mod in m.modules() if type(mod).__module__.startswith("peft.tuners.lora") and
+            type(mod).__name__ == "Linear"]
+    assert len(lora) == 2 * 7
+    before = {id(mod) for mod in m.modules() if "forward" in vars(mod)}          # e.g. the norms' dtype rule
+    with merged_lora_linears(m):
+        assert {id(mod) for mod in m.modules() if "forward" in vars(mod)} == before | {id(mod) for mod in lora}
+    assert {id(mod) for mod in m.modules() if "forward" in vars(mod)} == before
+    drop = lora[0].lora_dropout["default"]
+    lora[0].lora_dropout["default"] = torch.nn.Dropout(0.1).train()
+    try:
+        with merged_lora_linears(m):
+            assert "forward" not in vars(lora[0]) and "forward" in vars(lora[1])
+    finally:
+        lora[0].lora_dropout["default"] = drop
 
 
 @pytest.mark.parametrize("dtype,order", [(torch.float64, 1), (torch.float64, 2), (torch.float32, 1)])

@@ -34,7 +34,7 @@ from torch.func import jvp, vmap
 from ..fastpaths import resolve_microbatching
 from ..params import dot_named, get_trainable_named
 from ..scoring import (TokenScores, check_batch, constant_weight_linears, forward_ad_attention, head_gradients,
-                       scored_token_logprobs)
+                       score_tokens, scored_token_logprobs)
 from ..update import UpdateResult, drgrpo_coefficients
 from .linear import _vr_coefficients
 from .true_delta import _normalised, batch_tensors, log_proposal_ratio
@@ -52,6 +52,7 @@ class AttributionResult:
     base_vr: float | None = None
     slope_vr: float | None = None
     passes: dict | None = None      # work done: passes over E and U, backwards over E, tangents over U
+    u_scores: TokenScores | None = None   # S, H per token of U at θ, from the same pass over U
 
 
 def _split_groups(n: int, k: int) -> list[torch.Tensor]:
@@ -138,10 +139,12 @@ def _directional_S_reverse(model, ids, am, rm, sites, tangents, temperature, mic
     Sequences are independent rows, so the backward of Σ_i S_i gives at every position t of row i the
     gradient g_{i,t} = ∂S_i/∂y_t of each Linear's output y = x Wᵀ; row i's gradient of W is then
     Σ_t g_{i,t} x_{i,t}ᵀ (out, in), and D_d S_i = ⟨Σ_t g_{i,t} x_{i,t}ᵀ, d_W⟩ for every direction at once.
+    The forward also gives U's per-token S and H at θ, returned beside.
     Raises: RuntimeError when a Linear carrying a direction did not run in the forward (its
             contribution would be silently missing)."""
     device = next(iter(sites.values())).weight.device
     out = torch.zeros(next(iter(tangents.values())).shape[0], ids.shape[0], dtype=torch.float64)  # (k, N_U)
+    S_all, H_all = torch.zeros(ids.shape, dtype=torch.float64), torch.zeros(ids.shape, dtype=torch.float64)
     for mb in resolve_microbatching(model, am, microbatch_size, None, mode="grad"):
         seen: dict[str, list] = {n: [] for n in sites}
 
@@ -151,9 +154,9 @@ def _directional_S_reverse(model, ids, am, rm, sites, tangents, temperature, mic
         handles = [m.register_forward_hook(keep(n)) for n, m in sites.items()]
         packed = [t.to(device) for t in mb.pack(ids, am, rm)]
         try:
-            hg = head_gradients(model, *packed, temperature=temperature, entropy=False)
-            if hg is None:                                                           # any other model
-                S, _ = scored_token_logprobs(model, *packed, temperature=temperature, entropy=False)  # (M,)
+            hg = head_gradients(model, *packed, temperature=temperature, with_dH=False)
+            S, H = (hg.S, hg.H) if hg is not None else \
+                scored_token_logprobs(model, *packed, temperature=temperature)      # (M,) each; any other model
         finally:
             for h in handles:
                 h.remove()
@@ -170,7 +173,9 @@ def _directional_S_reverse(model, ids, am, rm, sites, tangents, temperature, mic
                 g_row = torch.einsum("nto,nti->noi", gy.double(), x.double())          # (n, out, in) per row
                 dS += torch.einsum("noi,koi->kn", g_row, tangents[n])
         out[:, mb.rows] += dS.cpu()
-    return out
+        r, c = mb.scored_coordinates(rm)
+        S_all[r, c], H_all[r, c] = S.detach().cpu(), H.detach().cpu()
+    return out, TokenScores(S=S_all, H=H_all, mask=rm.bool())
 
 
 def _directional_S_forward(model, ids, am, rm, tangents, temperature, microbatch_size):
@@ -196,11 +201,13 @@ def _directional_S_forward(model, ids, am, rm, tangents, temperature, microbatch
 
 def _directional_S(model, u_batch, directions: list[Mapping[str, torch.Tensor]], temperature, microbatch_size,
                    mode: str = "auto"):
-    """D_d S_i for every direction d and U sequence i, (len(directions), N_U) float64, in one pass over U.
+    """D_d S_i for every direction d and U sequence i, (len(directions), N_U) float64, in one pass over U,
+    and U's per-token S, H at θ (TokenScores).
 
     mode "reverse" (the "auto" choice when every direction sits on an nn.Linear weight, as with LoRA):
-    one forward + one backward whatever the number of directions (`_directional_S_reverse`);
-    "forward": one forward-mode pass with the directions as a batch of tangents, for any parameters.
+    one forward + one backward whatever the number of directions, the scores from the same forward
+    (`_directional_S_reverse`); "forward": one forward-mode pass with the directions as a batch of
+    tangents, for any parameters, then a no-grad pass for the scores.
     Only the log-prob of the sampled token is differentiated (not the full-vocabulary entropy).
     Raises: ValueError naming every parameter whose direction has non-finite entries.
     """
@@ -214,13 +221,16 @@ def _directional_S(model, u_batch, directions: list[Mapping[str, torch.Tensor]],
         raise ValueError("mode='reverse' needs every direction on an nn.Linear weight; use mode='forward'")
     if sites is not None:
         return _directional_S_reverse(model, ids, am, rm, sites, tangents, temperature, microbatch_size)
-    return _directional_S_forward(model, ids, am, rm, tangents, temperature, microbatch_size)
+    out = _directional_S_forward(model, ids, am, rm, tangents, temperature, microbatch_size)
+    return out, score_tokens(model, ids, am, rm, temperature=temperature, microbatch_size=microbatch_size)
 
 
 def _shares(model, u_batch, update: UpdateResult, grads, a, temperature, microbatch_size, mode: str = "auto"):
-    """a_i · D_{P⊙g} S_i for each direction g, stacked (len(grads), N_U), from one pass over U."""
+    """a_i · D_{P⊙g} S_i for each direction g, stacked (len(grads), N_U), from one pass over U; and U's
+    per-token scores at θ."""
     dirs = [{n: update.precond[n] * g[n] for n in g} for g in grads]                  # P ⊙ g
-    return a * _directional_S(model, u_batch, dirs, temperature, microbatch_size, mode)
+    dS, scores = _directional_S(model, u_batch, dirs, temperature, microbatch_size, mode)
+    return a * dS, scores
 
 
 def _delta_se(c_k: torch.Tensor, c: torch.Tensor, D_k: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
@@ -246,7 +256,8 @@ def attribute(model: torch.nn.Module, e_batch, u_batch, update: UpdateResult, th
         u_batch: U with advantages and group, as given to compute_update_vector; update: its result.
         v_base: the momentum / weight-decay part of v (UpdateResult.base, or v − Σ v_i).
         groups: K groups of E for the error bars; 0 skips them (point estimates only).
-    Returns: AttributionResult with c (N_U,), c_se (N_U,) (NaN when groups = 0), base, slope (and vr columns).
+    Returns: AttributionResult with c (N_U,), c_se (N_U,) (NaN when groups = 0), base, slope (and vr
+             columns), and U's per-token S, H at θ from the same pass over U.
     """
     _, _, rm = batch_tensors(u_batch)
     a = drgrpo_coefficients(u_batch["advantages"], u_batch["group"], rm.sum(-1))    # (N_U,)
@@ -257,7 +268,8 @@ def attribute(model: torch.nn.Module, e_batch, u_batch, update: UpdateResult, th
                                                          variance_reduced=variance_reduced, temperature=temperature,
                                                          microbatch_size=microbatch_size, logq=logq)
         grads = uk + (zk or []) + ([y] if groups else [])
-        shares = _shares(model, u_batch, update, grads, a, temperature, microbatch_size)  # (K [+K] [+1], N_U)
+        shares, u_scores = _shares(model, u_batch, update, grads, a, temperature,
+                                   microbatch_size)                              # (K [+K] [+1], N_U)
     finally:
         model.train(was_training)
     K = len(uk)
@@ -273,7 +285,7 @@ def attribute(model: torch.nn.Module, e_batch, u_batch, update: UpdateResult, th
     out = AttributionResult(c=c, c_se=c_se, base=base, slope=float(c.sum()) + base,
                             passes=dict(e_forward=1, e_backward=1 + int(variance_reduced) + int(groups > 0),
                                         u_pass="reverse" if _linear_weights(model, u) else "forward-mode",
-                                        u_directions=len(grads)))
+                                        u_directions=len(grads)), u_scores=u_scores)
     if variance_reduced:
         cv_k = shares[K:2 * K]                                                       # (K, N_U)
         out.c_vr = cv_k.sum(0)
