@@ -84,12 +84,31 @@ def test_error_bars_match_a_brute_force_group_jackknife(setup):
     assert torch.isfinite(res.c_vr_se).all() and (res.c_vr_se > 0).all()
 
 
+def test_error_bar_Y_is_the_first_groups_ratio_estimate(setup):
+    """Y = ∇ Σ ω T S / D (the denominator's derivative, for the ratio correction) is estimated from the
+    first group of E: Σ_{j∈G1} ω_j T_j ∇S_j / D_1, against reverse mode through those rows' S_j."""
+    m, upd, u, e, theta, res = setup
+    *_, y, idx, _, Dk, _ = surrogate_gradients(m, e, theta, groups=4, microbatch_size=5)
+    named = get_trainable_named(m)
+    rows = {k: t[idx[0]] for k, t in e.items()}
+    logits = m(rows["input_ids"], attention_mask=rows["attention_mask"],
+               position_ids=position_ids_from_mask(rows["attention_mask"])).logits
+    S, _ = token_logprobs_entropy(logits[:, :-1], rows["input_ids"][:, 1:])
+    mask = rows["response_mask"][:, 1:].double()
+    wT = theta.per_sequence().T[idx[0]]                             # ω ≡ 1: E was drawn from π itself
+    ref = torch.autograd.grad((wT * (S * mask).sum(-1)).sum() / wT.sum(), list(named.values()))
+    for n, r in zip(named, ref):
+        assert float((y[n] - r).abs().max() / r.abs().max()) <= SAME_RTOL, n
+    assert len(idx[0]) == 3 and float(Dk.sum()) == pytest.approx(1.0, rel=1e-12)
+
+
 def test_point_estimates_without_error_bars_are_the_same(setup):
     m, upd, u, e, theta, res = setup
     cheap = attribute(m, e, u, upd, theta, v_base=upd.base, groups=0, variance_reduced=False)
     torch.testing.assert_close(cheap.c, res.c, rtol=1e-10, atol=0)
     assert torch.isnan(cheap.c_se).all()
-    assert cheap.passes == {"e_forward": 1, "e_backward": 1, "u_pass": "reverse", "u_directions": 1}
+    assert cheap.passes == {"e_forward": 1, "e_backward": 1, "e_backward_Y_rows": 0, "u_pass": "reverse",
+                            "u_directions": 1}
 
 
 def test_one_pass_equals_each_column_computed_separately(setup):
@@ -112,8 +131,10 @@ def test_one_pass_equals_each_column_computed_separately(setup):
                          ("c_vr, groups", res.c_vr, both.c_vr), ("c, forward mode", fwd[0], both.c),
                          ("c_vr, forward mode", fwd[1], both.c_vr)):
         assert rel(x, ref) <= SAME_RTOL, f"{name}: {rel(x, ref):.1e}"
-    assert both.passes == {"e_forward": 1, "e_backward": 2, "u_pass": "reverse", "u_directions": 2}
-    assert res.passes == {"e_forward": 1, "e_backward": 3, "u_pass": "reverse", "u_directions": 9}
+    assert both.passes == {"e_forward": 1, "e_backward": 2, "e_backward_Y_rows": 0, "u_pass": "reverse",
+                           "u_directions": 2}
+    assert res.passes == {"e_forward": 1, "e_backward": 2, "e_backward_Y_rows": 3, "u_pass": "reverse",
+                          "u_directions": 9}
     ref = score_tokens(m, u["input_ids"], u["attention_mask"], u["response_mask"])     # U's own θ pass
     for scores in (both.u_scores, fwd_scores):                      # from the reverse and forward U passes
         assert torch.equal(scores.mask, ref.mask)

@@ -18,9 +18,13 @@ small einsums (`_directional_S_reverse`); other parameters fall back to
 ONE forward-mode pass with the directions as a batch of tangents on one primal (vmap over one jvp).
 Standard errors with respect to E: E is split into K groups and the per-group pieces u_k of u are
 kept (same reverse pass, accumulated per group). A K-group delta-method jackknife of the whole ratio
-then needs the K directions P ⊙ u_k over U (and one more, Y = ∇ Σ ω T S, for the ratio's
-denominator, one more backward over E): K + 1 directions (2K + 1 with the vr column), all in the
-same pass over U. Costs measured in benchmarks/README.md.
+then needs the K directions P ⊙ u_k over U and one more, Y = ∇ Σ ω T S / D, the derivative of the
+ratio's denominator: K + 1 directions (2K + 1 with the vr column), all in the same pass over U. Y is
+a third backward seed, independent of the other two (a per-sequence S-only weight, where exact has
+per-sequence weights on S and H and vr per-token ones), and a backward through frozen weights costs
+about a forward; Y only scales the correction term of the error bars, so it is estimated from the
+first group of E alone (1/K of a backward; tests/test_attribution.py holds the error bars to the
+brute-force jackknife). Costs measured in benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -64,15 +68,20 @@ def _split_groups(n: int, k: int) -> list[torch.Tensor]:
 def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores, *, groups: int = 8,
                         variance_reduced: bool = True, temperature: float = 1.0, microbatch_size: int | str = 8,
                         logq: torch.Tensor | None = None):
-    """Per-group gradients of the exact (and vr) surrogates, and (with groups) of Y = Σ ω T S / D.
+    """Per-group gradients of the exact (and vr) surrogates, and (with groups) an estimate of
+    Y = ∇ Σ ω T S / D.
 
     Each surrogate is Σ_tok α_tok S_tok + β Σ_j ω_j H_j / D with its own per-token α (β = 1 for the
     two surrogates, 0 for Y), so one forward per microbatch (length-bucketed and packed, `fastpaths`)
     serves every surrogate: one backward each, the graph kept until the last. Each backward starts at
     the decoder output with α dS/dx + β dH/dx from `head_gradients` when the model allows it.
+    Y only enters the error bars (the ratio correction of the delta method), so it is estimated from
+    the first group alone, as the ratio Y_1 · D / D_1: a third backward over 1/K of E instead of all
+    of it. The shares themselves never use it.
     Args: theta_scores: the θ pass over the same batch (S, H per token) — fixes ω, H̄, D and the vr
           coefficients. groups: K contiguous groups of E for the error bars; 0 = none (one group, no Y).
-    Returns: (u_k list, z_k list or None, y or None, index groups, C_k / D, D_k / D as (K,) float64, H̄).
+    Returns: (u_k list, z_k list or None, Y estimate or None, index groups, C_k / D, D_k / D as (K,)
+             float64, H̄).
     """
     ids, am, rm = (t.cpu() for t in batch_tensors(batch))
     check_batch(ids, am, rm)
@@ -96,7 +105,8 @@ def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores
     idx_groups = _split_groups(ids.shape[0], groups)
     acc = [[{n: torch.zeros(p.shape, dtype=torch.float64, device=device) for n, p in named.items()}
             for _ in beta] for _ in idx_groups]                                     # [group][surrogate] name -> grad
-    for idx, acc_k in zip(idx_groups, acc):
+    for k, (idx, acc_k) in enumerate(zip(idx_groups, acc)):
+        n_sur = len(beta) - int(bool(groups) and k > 0)                             # Y on the first group only
         sub = [t[idx] for t in (ids, am, rm)]
         for mb in resolve_microbatching(model, sub[1], microbatch_size, None, mode="grad"):
             packed = [t.to(device) for t in mb.pack(*sub)]
@@ -105,8 +115,8 @@ def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores
             hg = head_gradients(model, *packed, temperature=temperature)
             if hg is None:                                                           # any other model
                 S, H = scored_token_logprobs(model, *packed, temperature=temperature)  # (M,) each, with graph
-            for j, (b, g_acc) in enumerate(zip(beta, acc_k)):
-                keep = j < len(beta) - 1
+            for j, (b, g_acc) in enumerate(zip(beta[:n_sur], acc_k)):
+                keep = j < n_sur - 1
                 if hg is not None:                                                   # backward from x
                     g_x = (alpha[j, r, col][:, None] * hg.dS_dx + (b * w_dev[r])[:, None] * hg.dH_dx)
                     grads = torch.autograd.grad(hg.x, tensors, g_x.to(hg.x.dtype), retain_graph=keep,
@@ -119,9 +129,9 @@ def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores
                         g_acc[n] += g.double()
     u_k = [a[0] for a in acc]
     z_k = [a[1] for a in acc] if variance_reduced else None
-    y = {n: sum(a[-1][n] for a in acc) for n in named} if groups else None
     C_k = torch.stack([(w[idx] * st.H[idx]).sum() for idx in idx_groups])
     D_k = torch.stack([(w[idx] * st.T[idx]).sum() for idx in idx_groups])
+    y = {n: g / float(D_k[0] / D) for n, g in acc[0][-1].items()} if groups else None      # Y_1 · D / D_1
     return u_k, z_k, y, idx_groups, C_k / D, D_k / D, Hbar
 
 
@@ -248,7 +258,8 @@ def attribute(model: torch.nn.Module, e_batch, u_batch, update: UpdateResult, th
               ) -> AttributionResult:
     """Per-U-sequence attribution of the exact (and variance-reduced) slope, DESIGN §1.6.
 
-    Cost: one forward over E with one backward per surrogate (1, 2 with vr, +1 for Y with error bars),
+    Cost: one forward over E with one backward per surrogate (1, 2 with vr; with error bars + one over
+    the first of the K groups, for Y),
     and one pass over U for every direction at once (1, 2 with vr; K + 1, 2K + 1 with error bars):
     forward + backward when the directions sit on Linear weights (LoRA), else one forward-mode pass.
     Args:
@@ -264,7 +275,7 @@ def attribute(model: torch.nn.Module, e_batch, u_batch, update: UpdateResult, th
     was_training = model.training
     model.eval()                                        # dropout off, as in the update-vector pass
     try:
-        uk, zk, y, _, Ck, Dk, Hbar = surrogate_gradients(model, e_batch, theta_scores, groups=groups,
+        uk, zk, y, idx_groups, Ck, Dk, Hbar = surrogate_gradients(model, e_batch, theta_scores, groups=groups,
                                                          variance_reduced=variance_reduced, temperature=temperature,
                                                          microbatch_size=microbatch_size, logq=logq)
         grads = uk + (zk or []) + ([y] if groups else [])
@@ -283,7 +294,8 @@ def attribute(model: torch.nn.Module, e_batch, u_batch, update: UpdateResult, th
     u = {n: sum(g[n] for g in uk) for n in uk[0]}
     base = float(dot_named(u, v_base))
     out = AttributionResult(c=c, c_se=c_se, base=base, slope=float(c.sum()) + base,
-                            passes=dict(e_forward=1, e_backward=1 + int(variance_reduced) + int(groups > 0),
+                            passes=dict(e_forward=1, e_backward=1 + int(variance_reduced),   # full backwards
+                                        e_backward_Y_rows=len(idx_groups[0]) if groups else 0,
                                         u_pass="reverse" if _linear_weights(model, u) else "forward-mode",
                                         u_directions=len(grads)), u_scores=u_scores)
     if variance_reduced:
