@@ -264,7 +264,8 @@ class EstimatorConfig(_Section):
     attribution: bool = Field(False, description="Per-U-sequence shares of ΔĤ'(0) (DESIGN §1.6): a forward and "
                                                  "a backward per surrogate over E, one pass over U.")
     attribution_groups: int = Field(8, ge=0, description="Groups of E for the attribution error bars (they add "
-                                                         "one backward over E); 0 = point estimates only.")
+                                                         "a backward over one group of E); 0 = point estimates "
+                                                         "only.")
     logw_clip: float | None = Field(None, gt=0, description="Clip SNIS log-weights to ±logw_clip (biased; the clip "
                                                             "fraction is reported); null = no clipping.")
 

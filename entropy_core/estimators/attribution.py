@@ -103,10 +103,10 @@ def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores
     device = tensors[0].device
     alpha, w_dev = alpha.to(device), (w / D).to(device)
     idx_groups = _split_groups(ids.shape[0], groups)
+    n_sur = [len(beta) - int(bool(groups) and k > 0) for k in range(len(idx_groups))]   # Y on the first group only
     acc = [[{n: torch.zeros(p.shape, dtype=torch.float64, device=device) for n, p in named.items()}
-            for _ in beta] for _ in idx_groups]                                     # [group][surrogate] name -> grad
-    for k, (idx, acc_k) in enumerate(zip(idx_groups, acc)):
-        n_sur = len(beta) - int(bool(groups) and k > 0)                             # Y on the first group only
+            for _ in range(n)] for n in n_sur]                                      # [group][surrogate] name -> grad
+    for idx, acc_k in zip(idx_groups, acc):
         sub = [t[idx] for t in (ids, am, rm)]
         for mb in resolve_microbatching(model, sub[1], microbatch_size, None, mode="grad"):
             packed = [t.to(device) for t in mb.pack(*sub)]
@@ -115,8 +115,8 @@ def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores
             hg = head_gradients(model, *packed, temperature=temperature)
             if hg is None:                                                           # any other model
                 S, H = scored_token_logprobs(model, *packed, temperature=temperature)  # (M,) each, with graph
-            for j, (b, g_acc) in enumerate(zip(beta[:n_sur], acc_k)):
-                keep = j < n_sur - 1
+            for j, (b, g_acc) in enumerate(zip(beta, acc_k)):
+                keep = j < len(acc_k) - 1
                 if hg is not None:                                                   # backward from x
                     g_x = (alpha[j, r, col][:, None] * hg.dS_dx + (b * w_dev[r])[:, None] * hg.dH_dx)
                     grads = torch.autograd.grad(hg.x, tensors, g_x.to(hg.x.dtype), retain_graph=keep,
