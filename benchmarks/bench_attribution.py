@@ -4,15 +4,17 @@ approach (one gradient per U sequence), side by side on one small random model i
     .venv/bin/python benchmarks/bench_attribution.py      # writes benchmarks/results/attribution-<time>.json
 
 A forward-pass equivalent is the time of one no-grad teacher-forced pass over the same batch (E for
-the E side, U for the U side; `score_tokens`, the fast path), measured in the same process. Times are
-this process's CPU time with one thread (immune to other processes on a shared machine), median of
-`--repeats` runs after a warm-up; wall times are kept in the JSON. Rows:
+the E side, U for the U side; `score_tokens`, the fast path), run just before each timed run (so both
+see the same machine state); fwd-eq is the median of the per-pair ratios. Times are this process's
+CPU time with one thread (immune to other processes on a shared machine), after a warm-up; wall times
+are kept in the JSON. Rows:
   exact          point estimate of the exact column alone: 1 forward + 1 backward over E, 1 direction over U
   exact+vr       both columns: 1 forward + 2 backwards over E; over U one forward + one backward (LoRA
                  weights are Linear weights: `_directional_S_reverse`), any number of directions; that
                  pass also gives the per-token S, H of U for the stage's table, so it is the stage's
                  whole work over U
-  exact+vr+se    both columns with K-group error bars: 3 backwards over E, 2K + 1 directions in the same U pass
+  exact+vr+se    both columns with K-group error bars: 2 backwards over E and a third over its first
+                 group (Y), 2K + 1 directions in the same U pass
   exact+vr/fwd   both columns, U by the general forward-mode pass (one jvp, 2 tangents vmapped, then a
                  no-grad pass for U's scores)
   per_sequence   B_U·G backward passes of one sequence each, then ⟨u, v_i⟩; holds B_U·G gradient vectors
@@ -40,16 +42,21 @@ from entropy_core.update import compute_update_vector, drgrpo_coefficients  # no
 from tiny import add_lora, make_base_model, random_batch  # noqa: E402
 
 
-def timed(fn, repeats):
-    """(median CPU seconds, median wall seconds, last result) after one warm-up call."""
+def timed(fn, repeats, ref):
+    """(median CPU seconds, median wall seconds, median ratio to `ref`'s CPU time, last result) after
+    one warm-up call; each run of fn is paired with a run of ref just before it (interleaved, so both
+    see the same machine state) and the ratio is taken per pair."""
     out = fn()
-    cpu, wall = [], []
+    cpu, wall, ratio = [], [], []
     for _ in range(repeats):
-        c0, w0 = time.process_time(), time.perf_counter()
+        c0 = time.process_time()
+        ref()
+        c1, w1 = time.process_time(), time.perf_counter()
         out = fn()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return statistics.median(cpu), statistics.median(wall), out
+        cpu.append(time.process_time() - c1)
+        wall.append(time.perf_counter() - w1)
+        ratio.append(cpu[-1] / (c1 - c0))
+    return statistics.median(cpu), statistics.median(wall), statistics.median(ratio), out
 
 
 def rel_diff(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -61,10 +68,10 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=4000)
-    ap.add_argument("--B-E", type=int, default=16)
+    ap.add_argument("--B-E", type=int, default=64)
     ap.add_argument("--B-U", type=int, default=4)
     ap.add_argument("--G", type=int, default=4)
-    ap.add_argument("--groups", type=int, default=4, help="K groups of E for the error bars")
+    ap.add_argument("--groups", type=int, default=8, help="K groups of E for the error bars (the config default)")
     ap.add_argument("--microbatch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
@@ -90,8 +97,14 @@ def main(argv=None):
     upd = compute_update_vector(model, opt, u, microbatch_size=mb)
     E = (e["input_ids"], e["attention_mask"], e["response_mask"])
     U = (u["input_ids"], u["attention_mask"], u["response_mask"])
-    t_e, w_e, theta = timed(lambda: score_tokens(model, *E, microbatch_size=mb), a.repeats)
-    t_u, w_u, _ = timed(lambda: score_tokens(model, *U, microbatch_size=mb), a.repeats)
+    def fwd_E():
+        return score_tokens(model, *E, microbatch_size=mb)
+
+    def fwd_U():
+        return score_tokens(model, *U, microbatch_size=mb)
+
+    t_e, w_e, _, theta = timed(fwd_E, a.repeats, lambda: None)
+    t_u, w_u, _, _ = timed(fwd_U, a.repeats, lambda: None)
     coef = drgrpo_coefficients(u["advantages"], u["group"], u["response_mask"].sum(-1))
     n_params = sum(p.numel() for p in params)
 
@@ -100,25 +113,26 @@ def main(argv=None):
 
     rows, grads, c = {}, {}, {}
     for name, vr, K in (("exact", False, 0), ("exact+vr", True, 0), ("exact+vr+se", True, a.groups)):
-        t_es, w_es, (uk, zk, y, *_r) = timed(lambda: surrogate_gradients(model, e, theta, groups=K, variance_reduced=vr,
-                                                                         microbatch_size=mb), a.repeats)
+        t_es, w_es, r_es, (uk, zk, y, *_r) = timed(
+            lambda: surrogate_gradients(model, e, theta, groups=K, variance_reduced=vr, microbatch_size=mb),
+            a.repeats, fwd_E)
         grads[name] = uk + (zk or []) + ([y] if K else [])
-        t_us, w_us, c[name] = timed(shares(grads[name]), a.repeats)
+        t_us, w_us, r_us, c[name] = timed(shares(grads[name]), a.repeats, fwd_U)
         rows[name] = {"E_seconds": t_es, "U_seconds": t_us, "E_wall_seconds": w_es, "U_wall_seconds": w_us,
-                      "E_forward_equivalents": t_es / t_e, "U_forward_equivalents": t_us / t_u,
-                      "E_forward_passes": 1, "E_backward_passes": 1 + int(vr) + int(K > 0),
+                      "E_forward_equivalents": r_es, "U_forward_equivalents": r_us,
+                      "E_forward_passes": 1, "E_backward_passes": 1 + int(vr) + (1 / K if K else 0),
                       "U_forward_passes": 1, "U_backward_passes": 1, "U_directions": len(grads[name]),
                       "gradient_memory_bytes": len(grads[name]) * n_params * 8}
     # both columns by the general forward-mode pass over U (any trainable parameters)
-    t_fm, w_fm, fm = timed(shares(grads["exact+vr"], "forward"), a.repeats)
-    rows["exact+vr/fwd"] = dict(rows["exact+vr"], U_seconds=t_fm, U_wall_seconds=w_fm, U_forward_equivalents=t_fm / t_u,
+    t_fm, w_fm, r_fm, fm = timed(shares(grads["exact+vr"], "forward"), a.repeats, fwd_U)
+    rows["exact+vr/fwd"] = dict(rows["exact+vr"], U_seconds=t_fm, U_wall_seconds=w_fm, U_forward_equivalents=r_fm,
                                 U_backward_passes=0, U_forward_mode_passes=1, U_tangents=2)
     # the per-sequence approach: one backward per U sequence for v_i, then ⟨u, v_i⟩
-    t_ps, w_ps, res = timed(lambda: compute_update_vector(model, opt, u, microbatch_size=mb, components=True),
-                            a.repeats)
+    t_ps, w_ps, r_ps, res = timed(lambda: compute_update_vector(model, opt, u, microbatch_size=mb, components=True),
+                                  a.repeats, fwd_U)
     g = grads["exact"][0]
     c_ps = torch.tensor([float(dot_named(g, {n: res.per_sequence[n][i] for n in g})) for i in range(n_u)])
-    rows["per_sequence"] = {"U_seconds": t_ps, "U_wall_seconds": w_ps, "U_forward_equivalents": t_ps / t_u,
+    rows["per_sequence"] = {"U_seconds": t_ps, "U_wall_seconds": w_ps, "U_forward_equivalents": r_ps,
                             "U_forward_passes": n_u, "U_backward_passes": n_u,
                             "gradient_memory_bytes": n_u * n_params * 8}
     K = len(grads["exact+vr+se"]) // 2
@@ -130,7 +144,7 @@ def main(argv=None):
                      "dtype": "float32"},
            "batches": {"B_E": a.B_E, "B_U": a.B_U, "G": a.G, "groups": a.groups, "microbatch": mb},
            "forward_seconds": {"E": t_e, "U": t_u, "E_wall": w_e, "U_wall": w_u},
-           "attribution": rows, "max_rel_diff": checks, "clock": "process CPU time, median",
+           "attribution": rows, "max_rel_diff": checks, "clock": "process CPU time; fwd-eq: median ratio to an interleaved forward",
            "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": a.repeats,
            "command": " ".join(["python benchmarks/bench_attribution.py",
                                 *(argv if argv is not None else sys.argv[1:])])}
@@ -140,8 +154,9 @@ def main(argv=None):
     print(f"{'path':<14}{'E fwd-eq':>9}{'U fwd-eq':>9}{'E fwd+bwd':>10}{'U fwd+bwd+jvp':>14}{'dirs':>5}{'grad MB':>8}")
     for k, r in rows.items():
         u_passes = f"{r.get('U_forward_passes', 0)}+{r['U_backward_passes']}+{r.get('U_forward_mode_passes', 0)}"
+        e_passes = f"{r.get('E_forward_passes', 0)}+{r.get('E_backward_passes', 0):g}"
         print(f"{k:<14}{r.get('E_forward_equivalents', float('nan')):>9.2f}{r['U_forward_equivalents']:>9.2f}"
-              f"{str(r.get('E_forward_passes', 0)) + '+' + str(r.get('E_backward_passes', 0)):>10}{u_passes:>14}"
+              f"{e_passes:>10}{u_passes:>14}"
               f"{r.get('U_directions', n_u):>5}{r['gradient_memory_bytes'] / 2**20:>8.1f}")
     print("max relative differences: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))
     print(path)

@@ -168,21 +168,24 @@ def test_attribution_stage_in_a_measurement(tmp_path):
     assert open(attr["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_closed_form_head_equals_autograd_through_the_head(setup, monkeypatch):
-    """The E and U passes backpropagate from the decoder output with closed-form head gradients; the
-    surrogates' gradients and the U shares equal those of autograd through the scored log-softmax
-    (the path every other model takes)."""
+@pytest.mark.parametrize("plain", ["head_gradients", "_linear_weights"])
+def test_fast_passes_equal_the_plain_ones(setup, monkeypatch, plain):
+    """The E and U passes backpropagate from the decoder output with closed-form head gradients, and
+    the E pass takes each row's gradient at every LoRA Linear output so groups share microbatches.
+    Without the first ("head_gradients": autograd through the scored log-softmax, as for every other
+    model) or without the second ("_linear_weights": one forward per group, and U by forward mode),
+    the surrogates' gradients, the U shares and U's scores are the same."""
     m, upd, u, e, theta, res = setup
     a = drgrpo_coefficients(u["advantages"], u["group"], u["response_mask"].sum(-1))
     fast = surrogate_gradients(m, e, theta, groups=4, microbatch_size=5)
     fast_u, fast_scores = _shares(m, u, upd, fast[0], a, 1.0, 5)          # (4, N_U) by the reverse U pass
-    monkeypatch.setattr("entropy_core.estimators.attribution.head_gradients", lambda *a, **k: None)
-    plain = surrogate_gradients(m, e, theta, groups=4, microbatch_size=5)
-    plain_u, plain_scores = _shares(m, u, upd, fast[0], a, 1.0, 5)
-    assert float((fast_u - plain_u).abs().max() / plain_u.abs().max()) <= SAME_RTOL
-    torch.testing.assert_close(fast_scores.S, plain_scores.S, rtol=0, atol=1e-12)
-    torch.testing.assert_close(fast_scores.H, plain_scores.H, rtol=0, atol=1e-12)
-    for name, f, p in (("u_k", fast[0], plain[0]), ("z_k", fast[1], plain[1]), ("y", [fast[2]], [plain[2]])):
+    monkeypatch.setattr(f"entropy_core.estimators.attribution.{plain}", lambda *a, **k: None)
+    slow = surrogate_gradients(m, e, theta, groups=4, microbatch_size=5)
+    slow_u, slow_scores = _shares(m, u, upd, fast[0], a, 1.0, 5)
+    assert float((fast_u - slow_u).abs().max() / slow_u.abs().max()) <= SAME_RTOL
+    torch.testing.assert_close(fast_scores.S, slow_scores.S, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fast_scores.H, slow_scores.H, rtol=0, atol=1e-12)
+    for name, f, p in (("u_k", fast[0], slow[0]), ("z_k", fast[1], slow[1]), ("y", [fast[2]], [slow[2]])):
         for gf, gp in zip(f, p):
             for n in gp:
                 assert float((gf[n] - gp[n]).abs().max() / gp[n].abs().max()) <= SAME_RTOL, f"{name} {n}"

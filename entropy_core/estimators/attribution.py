@@ -28,6 +28,7 @@ brute-force jackknife). Costs measured in benchmarks/README.md.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -103,36 +104,86 @@ def surrogate_gradients(model: torch.nn.Module, batch, theta_scores: TokenScores
     device = tensors[0].device
     alpha, w_dev = alpha.to(device), (w / D).to(device)
     idx_groups = _split_groups(ids.shape[0], groups)
+    group_of = torch.zeros(ids.shape[0], dtype=torch.long)                          # (N,) group of each row
+    for k, idx in enumerate(idx_groups):
+        group_of[idx] = k
     n_sur = [len(beta) - int(bool(groups) and k > 0) for k in range(len(idx_groups))]   # Y on the first group only
-    acc = [[{n: torch.zeros(p.shape, dtype=torch.float64, device=device) for n, p in named.items()}
-            for _ in range(n)] for n in n_sur]                                      # [group][surrogate] name -> grad
-    for idx, acc_k in zip(idx_groups, acc):
-        sub = [t[idx] for t in (ids, am, rm)]
+    acc = [{n: torch.zeros((len(idx_groups), *p.shape), dtype=torch.float64, device=device) for n, p in named.items()}
+           for _ in beta]                                                          # [surrogate] name -> (K, *shape)
+    # With LoRA every trainable tensor is a Linear weight, and rows are independent, so a backward gives
+    # each row's gradient at every Linear output and the groups can share microbatches (bucketed
+    # together, less padding): the first group alone (it also carries Y), then all others pooled.
+    # Otherwise each group runs on its own.
+    sites = _linear_weights(model, named)
+    parts = idx_groups if sites is None else [idx_groups[0]] + ([torch.cat(idx_groups[1:])] if groups else [])
+    for part in parts:
+        sub = [t[part] for t in (ids, am, rm)]
         for mb in resolve_microbatching(model, sub[1], microbatch_size, None, mode="grad"):
             packed = [t.to(device) for t in mb.pack(*sub)]
-            r, col = mb.scored_coordinates(sub[2])                                   # (M,) within the group
-            r, col = idx[r].to(device), col.to(device)                               # original coordinates
-            hg = head_gradients(model, *packed, temperature=temperature)
-            if hg is None:                                                           # any other model
-                S, H = scored_token_logprobs(model, *packed, temperature=temperature)  # (M,) each, with graph
-            for j, (b, g_acc) in enumerate(zip(beta, acc_k)):
-                keep = j < len(acc_k) - 1
+            g_mb = group_of[part[mb.rows]]                                           # (n,) group of each row
+            one_group = bool((g_mb == g_mb[0]).all())
+            r, col = mb.scored_coordinates(sub[2])                                   # (M,) within the part
+            r, col = part[r].to(device), col.to(device)                              # original coordinates
+            with _recording(sites or {}) as seen:
+                hg = head_gradients(model, *packed, temperature=temperature)
+                if hg is None:                                                       # any other model
+                    S, H = scored_token_logprobs(model, *packed, temperature=temperature)  # (M,) each, with graph
+            calls = _calls(seen) if sites is not None else None
+            n = n_sur[int(g_mb[0])]
+            for j, b in enumerate(beta[:n]):
+                keep = j < n - 1
                 if hg is not None:                                                   # backward from x
-                    g_x = (alpha[j, r, col][:, None] * hg.dS_dx + (b * w_dev[r])[:, None] * hg.dH_dx)
-                    grads = torch.autograd.grad(hg.x, tensors, g_x.to(hg.x.dtype), retain_graph=keep,
-                                                allow_unused=True)
+                    g_x = alpha[j, r, col][:, None] * hg.dS_dx + (b * w_dev[r])[:, None] * hg.dH_dx
+                    root, seed = hg.x, g_x.to(hg.x.dtype)
                 else:
-                    loss = (alpha[j, r, col] * S).sum() + b * (w_dev[r] * H).sum()   # Σ α S + β Σ ω H_j / D
-                    grads = torch.autograd.grad(loss, tensors, retain_graph=keep, allow_unused=True)
-                for n, g in zip(named, grads):
-                    if g is not None:
-                        g_acc[n] += g.double()
-    u_k = [a[0] for a in acc]
-    z_k = [a[1] for a in acc] if variance_reduced else None
+                    root, seed = (alpha[j, r, col] * S).sum() + b * (w_dev[r] * H).sum(), None   # Σ α S + β Σ ω H / D
+                if calls is None:                                                    # one group per part
+                    grads = torch.autograd.grad(root, tensors, seed, retain_graph=keep, allow_unused=True)
+                    for name, g in zip(named, grads):
+                        if g is not None:
+                            acc[j][name][int(g_mb[0])] += g.double()
+                    continue
+                gys = torch.autograd.grad(root, [y for _, _, y in calls], seed, retain_graph=keep, allow_unused=True)
+                for (name, x, _), gy in zip(calls, gys):                            # gy, x: (n, W, out), (n, W, in)
+                    if gy is None:
+                        continue
+                    if one_group:                                                    # Σ_rows Σ_t gy xᵀ (out, in)
+                        acc[j][name][int(g_mb[0])] += (gy.flatten(0, -2).T @ x.flatten(0, -2)).double()
+                    else:                                                            # per row, summed per group
+                        acc[j][name].index_add_(0, g_mb.to(device), torch.bmm(gy.transpose(1, 2), x).double())
+    u_k = [{n: g[k] for n, g in acc[0].items()} for k in range(len(idx_groups))]
+    z_k = [{n: g[k] for n, g in acc[1].items()} for k in range(len(idx_groups))] if variance_reduced else None
     C_k = torch.stack([(w[idx] * st.H[idx]).sum() for idx in idx_groups])
     D_k = torch.stack([(w[idx] * st.T[idx]).sum() for idx in idx_groups])
-    y = {n: g / float(D_k[0] / D) for n, g in acc[0][-1].items()} if groups else None      # Y_1 · D / D_1
+    y = {n: g[0] / float(D_k[0] / D) for n, g in acc[-1].items()} if groups else None      # Y_1 · D / D_1
     return u_k, z_k, y, idx_groups, C_k / D, D_k / D, Hbar
+
+
+@contextlib.contextmanager
+def _recording(sites: Mapping[str, torch.nn.Linear]):
+    """Inside: each call of a Linear in `sites` (name -> module) appends (input, output) to the yielded
+    name -> list; inputs detached (n, W, in), outputs (n, W, out) with their graph."""
+    seen: dict[str, list] = {n: [] for n in sites}
+
+    def keep(name):
+        return lambda mod, inp, y: seen[name].append((inp[0].detach(), y))
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in sites.items()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _calls(seen: Mapping[str, list]) -> list[tuple]:
+    """(name, input, output) of every recorded call.
+    Raises: RuntimeError when a Linear did not run (its gradient would be silently missing)."""
+    missing = [n for n, calls in seen.items() if not calls]
+    if missing:
+        raise RuntimeError(f"{len(missing)} Linear modules with trainable weights did not run in the forward: "
+                           f"{', '.join(missing)}")
+    return [(n, x, y) for n, c in seen.items() for x, y in c]
 
 
 def _linear_weights(model: torch.nn.Module, names) -> dict[str, torch.nn.Linear] | None:
@@ -156,25 +207,12 @@ def _directional_S_reverse(model, ids, am, rm, sites, tangents, temperature, mic
     out = torch.zeros(next(iter(tangents.values())).shape[0], ids.shape[0], dtype=torch.float64)  # (k, N_U)
     S_all, H_all = torch.zeros(ids.shape, dtype=torch.float64), torch.zeros(ids.shape, dtype=torch.float64)
     for mb in resolve_microbatching(model, am, microbatch_size, None, mode="grad"):
-        seen: dict[str, list] = {n: [] for n in sites}
-
-        def keep(name):
-            return lambda mod, inp, y: seen[name].append((inp[0].detach(), y))       # x (n, W, in), y (n, W, out)
-
-        handles = [m.register_forward_hook(keep(n)) for n, m in sites.items()]
         packed = [t.to(device) for t in mb.pack(ids, am, rm)]
-        try:
+        with _recording(sites) as seen:
             hg = head_gradients(model, *packed, temperature=temperature, with_dH=False)
             S, H = (hg.S, hg.H) if hg is not None else \
                 scored_token_logprobs(model, *packed, temperature=temperature)      # (M,) each; any other model
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [n for n, calls in seen.items() if not calls]
-        if missing:
-            raise RuntimeError(f"{len(missing)} Linear modules with attribution directions did not run in the "
-                               f"forward: {', '.join(missing)}")
-        calls = [(n, x, y) for n, c in seen.items() for x, y in c]
+        calls = _calls(seen)
         root, seed = (S.sum(), None) if hg is None else (hg.x, hg.dS_dx)             # ∂ Σ S_i / ∂y at each call
         gys = torch.autograd.grad(root, [y for _, _, y in calls], seed, allow_unused=True)
         dS = torch.zeros(out.shape[0], len(mb.rows), dtype=torch.float64, device=device)      # (k, n)
