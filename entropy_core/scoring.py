@@ -300,6 +300,18 @@ def _packed(mb: Microbatch, tensors, device) -> list[torch.Tensor]:
     return [t.to(device) for t in mb.pack(*tensors)]
 
 
+@contextlib.contextmanager
+def _forwards_replaced(mods: list[torch.nn.Module], forward: Callable):
+    """Inside: each module in `mods` runs `forward` (bound to it) instead of its own; restored on exit."""
+    for m in mods:
+        m.forward = types.MethodType(forward, m)
+    try:
+        yield
+    finally:
+        for m in mods:
+            del m.forward
+
+
 def _merged_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     W = self.base_layer.weight                                               # (out, in)
     for name in self.active_adapters:
@@ -335,14 +347,8 @@ def merged_lora_linears(model: torch.nn.Module):
     `functional_call` overrides of A and B (θ + ηv) are used. For passes without gradients: the same
     values up to round-off, fewer FLOPs (r (in + out) per token per module) and no thin r-wide
     matmuls. Restored on exit."""
-    mods = [m for m in model.modules() if _mergeable(m)]
-    for m in mods:
-        m.forward = types.MethodType(_merged_lora_forward, m)
-    try:
+    with _forwards_replaced([m for m in model.modules() if _mergeable(m)], _merged_lora_forward):
         yield
-    finally:
-        for m in mods:
-            del m.forward
 
 
 def score_tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -441,13 +447,8 @@ def constant_weight_linears(model: torch.nn.Module):
     through `_ConstantWeightLinear`; restored on exit. For forward-mode passes only (no backward)."""
     mods = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)
             and not any(p.requires_grad for p in m.parameters(recurse=False))]
-    for m in mods:
-        m.forward = types.MethodType(_constant_weight_forward, m)
-    try:
+    with _forwards_replaced(mods, _constant_weight_forward):
         yield
-    finally:
-        for m in mods:
-            del m.forward
 
 
 def jvp_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
