@@ -20,8 +20,8 @@ the width the straightforward path pays for at the seed's scale.
 FLOP model ("useful" model FLOPs, a lower bound on the work done): a forward over a batch costs
 2·P_lin·T_real + 2·P_head·T_scored, where P_lin counts the weights of every Linear in the decoder (LoRA
 A and B included, embeddings excluded), P_head = V·d the vocabulary projection, T_real the non-pad
-tokens and T_scored the response tokens (θ and η passes run each LoRA Linear as one matmul with
-W + s·B·A, `scoring.merged_lora_linears`, so for them P_lin leaves A and B out); attention's O(L²) term is left out (≈1.5% at L ≈ 270 for the
+tokens and T_scored the response tokens (float64 θ and η passes run each LoRA Linear as one matmul
+with W + s·B·A, `scoring.merged_lora_linears`, so for them P_lin leaves A and B out); attention's O(L²) term is left out (≈1.5% at L ≈ 270 for the
 1.5B shape). A gradient pass counts 2 forwards (backward through frozen weights = activation
 gradients only; LoRA weight gradients are negligible), a JVP 2 (primal + tangent), a nested JVP 4.
 Sampling counts 2·P_lin·(prompt + kept response tokens) + 2·P_head·(kept response tokens).
@@ -370,7 +370,8 @@ class Bench:
             c = counts(result)
             seqs, computed, real, scored = c.pop("seqs"), c.pop("computed"), c.pop("real"), c.pop("scored")
             row.update(c, sequences=seqs, computed_tokens=computed, useful_tokens=real, scored_tokens=scored)
-        p_lin = self.p_lin - self.p_lora if kind == "score" else self.p_lin    # merged LoRA: no A, B matmuls
+        merged = kind == "score" and self.dtype == torch.float64             # merged LoRA: no A, B matmuls
+        p_lin = self.p_lin - self.p_lora if merged else self.p_lin
         flops = FLOP_MULT[kind] * 2 * (p_lin * real + self.p_head * scored) if kind in FLOP_MULT else 0
         ceil = self.ceiling.get(str(self.dtype).removeprefix("torch."), 0.0)
         r = row["cpu_seconds"] if cpu_clock(self.device) else s          # the clock rates are measured on

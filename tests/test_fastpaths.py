@@ -205,9 +205,12 @@ def test_score_tokens_equals_one_at_a_time(models, dtype):
 
 
 def test_merged_lora_forward_replaces_every_vanilla_lora_linear_and_only_those(models):
-    """score_tokens runs each LoRA Linear as one matmul with W + s B A (the equality with the
-    three-matmul path is test_score_tokens_equals_one_at_a_time); a layer with active dropout keeps
-    peft's own forward, and everything is restored on exit."""
+    """In float64, score_tokens runs each LoRA Linear as one matmul with W + s B A (the equality with
+    the three-matmul path is test_score_tokens_equals_one_at_a_time); a layer with active dropout and
+    every float32 layer keep peft's own forward, and everything is restored on exit."""
+    with merged_lora_linears(models[torch.float32]):
+        assert not any("forward" in vars(mod) for mod in models[torch.float32].modules()
+                       if type(mod).__module__.startswith("peft.tuners.lora"))
     m = models[torch.float64]
     lora = [mod for mod in m.modules() if type(mod).__module__.startswith("peft.tuners.lora") and
             type(mod).__name__ == "Linear"]
