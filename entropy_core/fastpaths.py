@@ -22,9 +22,12 @@ vary (prompts of 20-120 tokens, responses of 5-150). Here:
 3. Sizing: `microbatch_size="auto"` derives a token budget from free CUDA memory (an estimate from
    the model's config, with a safety fraction) or uses a fixed CPU budget.
 
-Not done: computing a shared prompt once for the G responses of a U group (KV reuse); see
-benchmarks/README.md. Apart from the CUDA memory query, everything here is index arithmetic on CPU
-tensors; `scoring` and `update` call the model.
+4. Head chunks: how many positions the vocabulary head and its float64 log-softmax take at a time
+   (`head_chunk_positions`).
+
+A prompt shared by the G responses of a U group is computed once in the update pass
+(`update.shared_prompt_groups`). Apart from the CUDA memory query, everything here is index
+arithmetic on CPU tensors; `scoring` and `update` call the model.
 """
 from __future__ import annotations
 
@@ -36,6 +39,11 @@ CPU_TOKEN_BUDGET = 1024         # tokens per microbatch on CPU: CPU matmuls gain
                                 # which pad more (measured on the 5M-param bench shape: 1 row at a time and 1024
                                 # tokens run equally fast, 4096 tokens 25% slower)
 HEAD_CHUNK_ELEMENTS = 1 << 24   # positions × vocab per float64 log-softmax chunk: 128 MiB per float64 temporary
+CPU_HEAD_CHUNK_ELEMENTS = 1 << 20   # on CPU: 8 MiB per temporary, which the elementwise passes find in cache
+                                    # (θ pass on the 5M bench shape, 64 rows, 1 thread, interleaved:
+                                    # median 2.37 s with 2^24, 2.02 s with 2^20)
+CPU_HEAD_CHUNK_MIN_POSITIONS = 64   # every chunk reads the whole (V, d) head weight: fewer positions than this
+                                    # make the head matmul memory-bound for a large V (V = 151 936: 2.4× slower at 8)
 AUTO_MEMORY_FRACTION = 0.5      # share of free device memory the auto budget plans for (the estimate is rough)
 _STREAMS = {"score": 1, "jvp": 2, "jvp2": 4, "grad": 1}   # primal / tangent copies of every activation
 
@@ -143,6 +151,14 @@ def auto_token_budget(model: torch.nn.Module, *, width: int, mode: str = "score"
     return budget_from_free_memory(model, free, width=width, mode=mode, memory_fraction=memory_fraction)
 
 
+def head_chunk_positions(vocab_size: int, device: torch.device) -> int:
+    """Positions per chunk of the vocabulary head and its float64 log-softmax (scoring.py): large chunks
+    on a GPU, cache-sized ones on CPU."""
+    if device.type == "cpu":
+        return max(CPU_HEAD_CHUNK_MIN_POSITIONS, CPU_HEAD_CHUNK_ELEMENTS // vocab_size)
+    return max(1, HEAD_CHUNK_ELEMENTS // vocab_size)
+
+
 def budget_from_free_memory(model: torch.nn.Module, free_bytes: int, *, width: int, mode: str = "score",
                             memory_fraction: float = AUTO_MEMORY_FRACTION) -> int:
     """memory_fraction × (free_bytes − the fixed float64 head temporaries) / bytes_per_token, ≥ width."""
@@ -199,4 +215,5 @@ def padding_stats(attention_mask: torch.Tensor, plan: list[Microbatch]) -> dict:
 
 __all__ = ["Microbatch", "MicrobatchingError", "plan_microbatches", "auto_token_budget", "budget_from_free_memory",
            "bytes_per_token",
-           "resolve_microbatching", "real_spans", "padding_stats", "CPU_TOKEN_BUDGET", "HEAD_CHUNK_ELEMENTS"]
+           "resolve_microbatching", "real_spans", "padding_stats", "CPU_TOKEN_BUDGET", "HEAD_CHUNK_ELEMENTS",
+           "head_chunk_positions"]

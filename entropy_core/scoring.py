@@ -31,7 +31,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from .fastpaths import HEAD_CHUNK_ELEMENTS, Microbatch, resolve_microbatching
+from .fastpaths import Microbatch, head_chunk_positions, resolve_microbatching
 from .params import build_functional_params_named
 
 
@@ -169,12 +169,13 @@ def _head_chunk(head, h_over, x, y, temperature, entropy):
 
 
 def chunked_logprobs_entropy(z: torch.Tensor, y: torch.Tensor, temperature: float = 1.0, *, entropy: bool = True,
-                             chunk_elements: int = HEAD_CHUNK_ELEMENTS, head: torch.nn.Module | None = None,
+                             chunk_elements: int | None = None, head: torch.nn.Module | None = None,
                              head_params: Mapping[str, torch.Tensor] | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`token_logprobs_entropy` a chunk of `chunk_elements // V` positions at a time, so neither the
-    logits nor their float64 log-softmax exist for all M positions at once (positions are independent,
-    so chunking changes nothing). Under autograd each chunk is checkpointed: the backward keeps only
+    """`token_logprobs_entropy` a chunk of `chunk_elements // V` positions at a time (by default
+    `fastpaths.head_chunk_positions`: large on a GPU, cache-sized on CPU), so neither the logits nor
+    their float64 log-softmax exist for all M positions at once (positions are independent, so
+    chunking changes nothing). Under autograd each chunk is checkpointed: the backward keeps only
     the chunk's input and recomputes its logits and float64 log-softmax (same ops, same gradient).
 
     Args: z: (M, V) logits, or (M, d) hidden states when `head` (the vocabulary projection, with
@@ -182,7 +183,7 @@ def chunked_logprobs_entropy(z: torch.Tensor, y: torch.Tensor, temperature: floa
     Returns: S, H (M,) float64.
     """
     V = z.shape[-1] if head is None else head.weight.shape[0]
-    c = max(1, chunk_elements // V)
+    c = max(1, chunk_elements // V) if chunk_elements else head_chunk_positions(V, z.device)
     S, H = [], []
     for xc, yc in zip(z.split(c), y.split(c)):
         args = (head, head_params, xc, yc, temperature, entropy)
@@ -248,7 +249,7 @@ class HeadGradients:
 
 def head_gradients(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    response_mask: torch.Tensor, *, temperature: float = 1.0, with_dH: bool = True,
-                   chunk_elements: int = HEAD_CHUNK_ELEMENTS) -> HeadGradients | None:
+                   chunk_elements: int | None = None) -> HeadGradients | None:
     """One decoder forward with graph, then the vocabulary projection in closed form, a chunk at a time.
 
     With z = x Wᵀ/τ, p = softmax(z), S = log p_y and H = −Σ p log p:
@@ -271,7 +272,7 @@ def head_gradients(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     x = h[:, :-1][rm[:, 1:]]                                                 # (M, d) position t-1 predicts t
     y = input_ids[:, 1:][rm[:, 1:]]                                          # (M,)
     W = head.weight                                                          # (V, d)
-    c = max(1, chunk_elements // W.shape[0])
+    c = max(1, chunk_elements // W.shape[0]) if chunk_elements else head_chunk_positions(W.shape[0], W.device)
     S, H, dS, dH = [], [], [], []
     with torch.no_grad():
         for xc, yc in zip(x.detach().split(c), y.split(c)):

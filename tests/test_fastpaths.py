@@ -10,10 +10,10 @@ from torch.func import jvp, vmap
 
 from entropy_core.estimators import linear_estimates, snis_delta, true_delta
 from entropy_core.estimators.linear import curvature_exact, slope_exact
-from entropy_core.fastpaths import (CPU_TOKEN_BUDGET, MicrobatchingError, auto_token_budget, budget_from_free_memory,
-                                    bytes_per_token,
-                                    padding_stats, plan_microbatches, real_spans,
-                                    resolve_microbatching)
+from entropy_core.fastpaths import (CPU_HEAD_CHUNK_ELEMENTS, CPU_HEAD_CHUNK_MIN_POSITIONS, CPU_TOKEN_BUDGET,
+                                    HEAD_CHUNK_ELEMENTS, MicrobatchingError, auto_token_budget,
+                                    budget_from_free_memory, bytes_per_token, head_chunk_positions, padding_stats,
+                                    plan_microbatches, real_spans, resolve_microbatching)
 from entropy_core.params import get_trainable_named
 from entropy_core.scoring import (ScoringError, _split_route, chunked_logprobs_entropy, constant_weight_linears,
                                   jvp_scores, merged_lora_linears, score_tokens, token_logprobs_entropy)
@@ -160,6 +160,13 @@ def test_chunked_head_equals_one_shot_and_keeps_gradients(with_head):
     g0, = torch.autograd.grad((w * S0).sum() + (w * H0).sum(), x)
     g1, = torch.autograd.grad((w * S1).sum() + (w * H1).sum(), x)            # through the checkpoints
     torch.testing.assert_close(g1, g0, rtol=0, atol=1e-15)
+
+
+def test_head_chunks_are_cache_sized_on_cpu_but_never_thin():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")                      # no CUDA needed: arithmetic only
+    assert head_chunk_positions(8192, cpu) == CPU_HEAD_CHUNK_ELEMENTS // 8192 > CPU_HEAD_CHUNK_MIN_POSITIONS
+    assert head_chunk_positions(151_936, cpu) == CPU_HEAD_CHUNK_MIN_POSITIONS  # a large vocabulary: the floor
+    assert head_chunk_positions(151_936, cuda) == HEAD_CHUNK_ELEMENTS // 151_936
 
 
 def test_both_logit_routes_equal_one_at_a_time(models):
