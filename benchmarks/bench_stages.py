@@ -74,11 +74,13 @@ _stub_math_verify()
 from entropy_core.estimators.linear import (curvature_exact, finite_difference, slope_exact,  # noqa: E402
                                             slope_variance_reduced)
 from entropy_core.estimators.true_delta import entropy_base, snis_delta  # noqa: E402
-from entropy_core.fastpaths import padding_stats, resolve_microbatching  # noqa: E402
+from entropy_core.allocator import keep_freed_memory  # noqa: E402
+from entropy_core.fastpaths import (microbatch_limits, padding_stats, plan_forwards, plan_shared_passes,  # noqa: E402
+                                    prompt_sharing, resolve_microbatching, worth_sharing)
 from entropy_core.params import get_trainable_named  # noqa: E402
 from entropy_core.precision import (apply_global_precision, force_grads_fp32, keep_norms_in_dtype,  # noqa: E402
                                     str_to_dtype)
-from entropy_core.scoring import jvp_scores, score_tokens  # noqa: E402
+from entropy_core.scoring import jvp_scores, score_tokens, scoring_sharing  # noqa: E402
 from entropy_core.update import compute_update_vector  # noqa: E402
 from benchmarks.straightforward import (jvp_one_at_a_time, score_one_at_a_time,  # noqa: E402
                                         update_vector_one_at_a_time)
@@ -97,11 +99,13 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2      # special ids of the random-model word-lev
 # `--prompt-len gsm8k_r1`: prompt-token quantiles of the real gsm8k_r1_template train prompts (first 3000,
 # SmolLM2 tokenizer; min 101, median 144, max 283), sampled by piecewise-linear inverse CDF.
 GSM8K_R1_PROMPT_QUANTILES = ((0.0, 101), (0.1, 125), (0.5, 144), (0.9, 177), (0.99, 218), (1.0, 283))
+GSM8K_R1_TEMPLATE_TOKENS = 83   # SmolLM2 tokens every gsm8k_r1_template prompt begins with (up to "Question:")
+GSM8K_TEST_PROMPTS = 1319       # E's split: B_E = 2048 draws with replacement hit ≈ 1039 distinct prompts
 FLOP_MULT = {"forward": 1, "score": 1, "grad": 2, "jvp": 2, "jvp2": 4}
 ETA = 1e-3                            # one η pass; the value does not change the cost
 N_ETA = 5                             # η passes in the whole-measurement total (issue 6: 5 η)
-SHARED_NOTE = ("each group's prompt runs once (update.shared_prompt_groups); tokens and FLOPs are counted "
-               "per row, prompt included, as for the packed path")
+SHARED_NOTE = ("prompt tokens shared by rows run once (fastpaths.prompt_sharing); tokens and FLOPs are counted per "
+               "row, prompt included, as for the packed path; 'computed' counts the positions really run")
 
 
 def log(msg: str) -> None:
@@ -194,20 +198,27 @@ def draw_lengths(spec: str, n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def synthetic_batch(n: int, vocab: int, prompt_len: str, max_new: int, *, G: int = 1, seed: int = 0,
-                    special=(PAD_ID, EOS_ID, UNK_ID)) -> dict[str, torch.Tensor]:
+                    prefix: int = 0, pool: int = 0, special=(PAD_ID, EOS_ID, UNK_ID)) -> dict[str, torch.Tensor]:
     """BatchedSequences layout: left-padded prompts to P, responses from column P, right padding. Groups of
     G consecutive rows share one prompt; prompt lengths from `prompt_len` (draw_lengths), responses
-    uniform in [5, max_new]."""
+    uniform in [5, max_new]. Every prompt begins with the same `prefix` tokens (a prompt template), and
+    with `pool` > 0 the groups draw their prompts with replacement from `pool` distinct ones (as E draws
+    from a dataset split), else each group has its own."""
     g = torch.Generator().manual_seed(seed)
     B = n // G
-    p_len = draw_lengths(prompt_len, B, g).repeat_interleave(G)
+    lo = max(special) + 1
+    n_prompts = pool or B
+    lengths = draw_lengths(prompt_len, n_prompts, g).clamp(min=prefix + 1)
+    head = torch.randint(lo, vocab, (prefix,), generator=g)
+    prompts = [torch.cat([head, torch.randint(lo, vocab, (int(k) - prefix,), generator=g)]) for k in lengths]
+    pick = torch.randint(n_prompts, (B,), generator=g) if pool else torch.arange(B)
+    p_len = lengths[pick].repeat_interleave(G)
     r_len = torch.randint(min(5, max_new), max_new + 1, (B * G,), generator=g)
     P, L = int(p_len.max()), int(p_len.max() + r_len.max())
-    lo = max(special) + 1
     ids = torch.full((B * G, L), PAD_ID, dtype=torch.long)
     am, rm = torch.zeros_like(ids), torch.zeros_like(ids)
     for b in range(B):
-        prompt = torch.randint(lo, vocab, (int(p_len[b * G]),), generator=g)
+        prompt = prompts[int(pick[b])]
         for j in range(b * G, (b + 1) * G):
             p, r = int(p_len[j]), int(r_len[j])
             ids[j, P - p:P] = prompt
@@ -397,10 +408,30 @@ def _merge(rows: list[dict], key: str) -> dict:
     return best
 
 
-def tf_counts(batch, plan=None) -> dict:
+def tf_counts(batch, model=None, mb=None, budget=None, mode=None) -> dict:
+    """seqs, real and scored tokens of a teacher-forcing batch, and the positions a pass computes: the padded
+    layout without `model` (the straightforward path), else the fast path's plan for `mode` (`computed`)."""
     am = batch["attention_mask"]
     return dict(seqs=int(am.shape[0]), real=int(am.sum()), scored=int(batch["response_mask"].sum()),
-                computed=padding_stats(am, plan)["computed_tokens"] if plan is not None else int(am.numel()))
+                computed=int(am.numel()) if model is None else computed(model, batch, mb, budget, mode))
+
+
+def computed(model, batch, mb, budget, mode: str) -> int:
+    """Positions the fast path computes: with shared prompts (scoring passes, the update pass) the root, each
+    prompt's own tokens and the responses, each padded to its microbatch's width; else the packed rows."""
+    ids, am, rm = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    if mode == "score" and (sharing := scoring_sharing(model, ids, am, rm)) is not None:
+        max_rows, b = microbatch_limits(model, am, mb, budget, "score")
+        return sharing.root + sum(m.tokens for p in plan_shared_passes(sharing, max_rows=max_rows, token_budget=b)
+                                  for m in p)
+    if mode == "grad" and worth_sharing(sharing := prompt_sharing(ids, am, rm), am):
+        total = 0
+        for pieces in plan_forwards(model, am, mb, budget, mode="grad", sharing=sharing):
+            heads, rows = torch.stack([c[0] for c in pieces]), torch.cat(pieces)
+            total += sharing.root + len(pieces) * int(sharing.P[heads].max() - sharing.root) \
+                + len(rows) * int(sharing.R[rows].max())
+        return total
+    return padding_stats(am, resolve_microbatching(model, am, mb, budget, mode=mode))["computed_tokens"]
 
 
 def subset(batch: dict, idx: torch.Tensor) -> dict:
@@ -433,6 +464,12 @@ def main(argv=None) -> int:
     ap.add_argument("--G", type=int, default=4, help="responses per update prompt")
     ap.add_argument("--prompt-len", default="20-120", help="prompt tokens: 'lo-hi' uniform, one number, or "
                                                           "'gsm8k_r1' (real GSM8K R1-template prompt lengths)")
+    ap.add_argument("--shared-prefix", type=int, default=None,
+                    help="tokens every synthetic prompt begins with (a template; default 83, gsm8k_r1_template's "
+                         "beginning in SmolLM2 tokens, with --prompt-len gsm8k_r1, else 0)")
+    ap.add_argument("--prompt-pool", type=int, default=None,
+                    help="distinct prompts synthetic E draws from with replacement (default 1319, GSM8K test, with "
+                         "--prompt-len gsm8k_r1, else 0: every row its own)")
     ap.add_argument("--new-tokens", type=int, default=150, help="max new tokens (responses uniform in [5, this])")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="auto", help="cpu, cuda, or auto")
@@ -459,6 +496,9 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    gsm8k = args.prompt_len == "gsm8k_r1"
+    prefix = args.shared_prefix if args.shared_prefix is not None else (GSM8K_R1_TEMPLATE_TOKENS if gsm8k else 0)
+    pool = args.prompt_pool if args.prompt_pool is not None else (GSM8K_TEST_PROMPTS if gsm8k else 0)
     apply_global_precision(allow_tf32=False, matmul_precision="highest")       # DESIGN §2.1
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -469,6 +509,8 @@ def main(argv=None) -> int:
     shape = args.shape or (None if args.model else "small")
     prompt_len = args.prompt_len
 
+    allocator = "glibc keeps freed blocks (entropy_core.allocator)" if device.type == "cpu" and keep_freed_memory() \
+        else "default"
     ceiling = matmul_ceiling(device)
     log(f"building {'shape ' + shape if shape else 'model ' + args.model} in {args.dtype} on {device}")
     model, tok = random_model(shape, dtype, device, args.seed) if shape else real_model(args.model, dtype, device)
@@ -487,7 +529,8 @@ def main(argv=None) -> int:
     meta = dict(name=name, shape=shape, model=args.model, dtype=args.dtype, device=str(device),
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                 or platform.machine(), torch=torch.__version__, transformers=transformers.__version__,
-                threads=torch.get_num_threads(), B_E=args.B_E, measure_rows=args.measure_rows, B_U=args.B_U, G=args.G, prompt_len=args.prompt_len,
+                threads=torch.get_num_threads(), B_E=args.B_E, measure_rows=args.measure_rows, B_U=args.B_U, G=args.G,
+                prompt_len=args.prompt_len, shared_prefix=prefix, prompt_pool=pool, allocator=allocator,
                 new_tokens=args.new_tokens, microbatch=args.microbatch, token_budget=args.token_budget,
                 tf_batch=args.tf_batch, target_B_E=args.target_B_E, target_B_U=args.target_B_U,
                 params=n_params, trainable=n_train, P_lin=p_lin, P_head=p_head, P_lora=p_lora,
@@ -541,20 +584,22 @@ def main(argv=None) -> int:
         A = torch.randn(args.B_U, args.G, generator=g, dtype=torch.float64)
         U["advantages"] = (A - A.mean(-1, keepdim=True)).flatten()
     else:
-        E = synthetic_batch(args.B_E, V, prompt_len, args.new_tokens, seed=args.seed + 1)
-        U = synthetic_batch(args.B_U * args.G, V, prompt_len, args.new_tokens, G=args.G, seed=args.seed + 2)
+        E = synthetic_batch(args.B_E, V, prompt_len, args.new_tokens, seed=args.seed + 1, prefix=prefix, pool=pool)
+        U = synthetic_batch(args.B_U * args.G, V, prompt_len, args.new_tokens, G=args.G, seed=args.seed + 2,
+                            prefix=prefix)
     st_E = padding_stats(E["attention_mask"], resolve_microbatching(model, E["attention_mask"], mb, args.token_budget,
                                                                      mode="score"))
+    shared_E = computed(model, E, mb, args.token_budget, "score")
     meta.update(E_real_tokens=st_E["real_tokens"], E_packed_positions=st_E["computed_tokens"],
-                E_padded_positions=st_E["padded_layout_tokens"])
-    log(f"E: {E['input_ids'].shape[0]} rows, {st_E['real_tokens']} real tokens, packed {st_E['computed_tokens']} positions vs "
-        f"{st_E['padded_layout_tokens']} in the padded layout")
+                E_padded_positions=st_E["padded_layout_tokens"], E_shared_prompt_positions=shared_E)
+    log(f"E: {E['input_ids'].shape[0]} rows, {st_E['real_tokens']} real tokens, packed {st_E['computed_tokens']} positions, "
+        f"{shared_E} with shared prompts, vs {st_E['padded_layout_tokens']} in the padded layout")
     E_all, N_all = E, E["input_ids"].shape[0]      # a sampled E already has only n_E rows
     if n_E < N_all:   # stages on a random subset of E's rows (the layout, hence the straightforward width, stays)
         E = subset(E, torch.randperm(N_all, generator=torch.Generator().manual_seed(args.seed + 5))[:n_E]
                    .sort().values)
     Eids, Eam, Erm = E["input_ids"], E["attention_mask"], E["response_mask"]
-    cE = tf_counts(E, resolve_microbatching(model, Eam, mb, args.token_budget, mode="score"))
+    cE = tf_counts(E, model, mb, args.token_budget, "score")
     kw = dict(microbatch_size=mb, token_budget=args.token_budget)
     warm = subset(E, torch.arange(min(2, n_E)))                # warm-up, untimed: first-call kernels and caches
     score_tokens(model, warm["input_ids"], warm["attention_mask"], warm["response_mask"], **kw)
@@ -568,23 +613,22 @@ def main(argv=None) -> int:
     v = None
     if "update" in stages or "eta" in stages or "jvp" in stages or "jvp2" in stages or "straightforward" in stages:
         opt = stepped_optimizer(model)
-        plan_U = resolve_microbatching(model, U["attention_mask"], mb, args.token_budget, mode="grad")
         res = bench.run("update_vector", lambda: compute_update_vector(model, opt, U, **kw), kind="grad",
-                        scale=sU, **tf_counts(U, plan_U), repeats=args.repeats, note=SHARED_NOTE) \
+                        scale=sU, **tf_counts(U, model, mb, args.token_budget, "grad"), repeats=args.repeats,
+                        note=SHARED_NOTE) \
             if "update" in stages else None
         v = res.vector if res is not None else \
             {n: torch.randn_like(p, dtype=torch.float64) * 1e-2 for n, p in get_trainable_named(model).items()}
     theta = eta_s = js = js2 = None
     if "theta" in stages or "report" in stages:
         theta = bench.run("theta_pass", lambda: score_tokens(model, Eids, Eam, Erm, **kw), kind="score",
-                          scale=sE, **cE, repeats=args.repeats)
+                          scale=sE, **cE, repeats=args.repeats, note=SHARED_NOTE)
     if "eta" in stages or "report" in stages:
         eta_s = bench.run("eta_pass", lambda: score_tokens(model, Eids, Eam, Erm, v=v, eta=ETA, **kw),
-                          kind="score", scale=sE, **cE, repeats=args.repeats)
+                          kind="score", scale=sE, **cE, repeats=args.repeats, note=SHARED_NOTE)
     if "jvp" in stages or "report" in stages:
-        plan = resolve_microbatching(model, Eam, mb, args.token_budget, mode="jvp")
         js = bench.run("jvp_exact_slope", lambda: jvp_scores(model, Eids, Eam, Erm, v, order=1, **kw), kind="jvp",
-                       scale=sE, **tf_counts(E, plan), repeats=args.repeats)
+                       scale=sE, **tf_counts(E, model, mb, args.token_budget, "jvp"), repeats=args.repeats)
     # -- straightforward vs fast on the same rows -------------------------------------------------------
     comparison = bench.comparison
     if "straightforward" in stages:
@@ -606,7 +650,7 @@ def main(argv=None) -> int:
         ]
         for name, kind, b, slow, fast, fields in pairs:
             mode = {"forward": "score", "jvp": "jvp", "grad": "grad"}[kind]
-            c_fast = tf_counts(b, resolve_microbatching(model, b["attention_mask"], mb, args.token_budget, mode=mode))
+            c_fast = tf_counts(b, model, mb, args.token_budget, mode)
             c_slow = tf_counts(b)
             r_slow = r_fast = None
             for rep in range(args.repeats):    # interleaved, so both see the same machine load
@@ -614,7 +658,8 @@ def main(argv=None) -> int:
                                    note="one sequence at a time, full width",
                                    **{k: c_slow[k] for k in ("seqs", "computed", "real", "scored")})
                 r_fast = bench.run(f"fast_{name}", fast, kind="score" if kind == "forward" else kind,
-                                   note="same rows, bucketed + packed" + (f"; {SHARED_NOTE}" if name == "update" else ""),
+                                   note="same rows, fast path" + (f"; {SHARED_NOTE}" if name != "jvp" else
+                                                                  "; bucketed + packed"),
                                    **c_fast)
                 if r_slow is None or r_fast is None:
                     break
@@ -641,9 +686,8 @@ def main(argv=None) -> int:
 
     # the curvature last: the most expensive stage, so a time budget cuts it rather than the comparison
     if "jvp2" in stages:
-        plan = resolve_microbatching(model, Eam, mb, args.token_budget, mode="jvp2")
         js2 = bench.run("jvp2_curvature", lambda: jvp_scores(model, Eids, Eam, Erm, v, order=2, **kw),
-                        kind="jvp2", scale=sE, **tf_counts(E, plan), repeats=args.repeats)
+                        kind="jvp2", scale=sE, **tf_counts(E, model, mb, args.token_budget, "jvp"), repeats=args.repeats)
     if "report" in stages and theta is not None and eta_s is not None and js is not None:
         def report():
             base_st, sh = theta.per_sequence(), eta_s.per_sequence()

@@ -52,7 +52,7 @@ import torch.distributed as dist
 from .estimators.linear import LinearResult, linear_from_passes
 from .estimators.true_delta import TrueDeltaResult, batch_tensors, entropy_base, ess, log_proposal_ratio, snis_delta
 from .params import get_optimizer_named_params
-from .scoring import TokenScores, check_batch, jvp_scores, score_tokens
+from .scoring import TokenScores, check_batch, jvp_scores, score_tokens, scoring_sharing
 from .update import UpdateResult, _check_state, accumulate_gradient, drgrpo_coefficients, update_from_gradient
 
 __all__ = [
@@ -316,10 +316,15 @@ def distributed_score_tokens(model: torch.nn.Module, batch, *, v: Mapping[str, t
           full batches are split. The rest as score_tokens.
     Raises: ScoringError as score_tokens (naming the local row); ShardError when ranks disagree.
     """
+    full = index is None
     (ids, am, rm), index, n = _local_rows(batch, index, shard)
     if len(index):
+        kw = {}
+        if full:     # the whole batch's prompt sharing, so that each row is computed as in one process
+            s = scoring_sharing(model, *batch_tensors(batch))
+            kw = dict(share_prompts=False) if s is None else dict(prompt_root=s.root)
         local = score_tokens(model, ids, am, rm, v=v, eta=eta, temperature=temperature,
-                             microbatch_size=microbatch_size)
+                             microbatch_size=microbatch_size, **kw)
     else:                                                            # more ranks than rows
         local = _empty_scores(ids.shape[1], ("S", "H"))
     return gather_token_scores(local, index, n)

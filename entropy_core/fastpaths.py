@@ -25,9 +25,17 @@ vary (prompts of 20-120 tokens, responses of 5-150). Here:
 4. Head chunks: how many positions the vocabulary head and its float64 log-softmax take at a time
    (`head_chunk_positions`).
 
-A prompt shared by the G responses of a U group is computed once in the update pass
-(`update.shared_prompt_groups`). Apart from the CUDA memory query, everything here is index
-arithmetic on CPU tensors; `scoring` and `update` call the model.
+5. Shared prompts (`prompt_sharing`, `plan_shared_prompts`): rows whose prompts are the same (the G
+   responses of a U group; E's prompts, drawn with replacement) or begin the same (every prompt of a
+   template: 83 SmolLM2 tokens of gsm8k_r1_template precede the question) need those tokens computed
+   once. Scoring passes run the prompt tokens all rows begin with (the root) once, each distinct
+   prompt's remaining tokens once, and the responses attending to both through the keys/values cache
+   (`scoring.shared_prompt_passes`); the update pass runs each distinct prompt once per microbatch
+   (`scoring.shared_prompt_logprobs`, no root). Same values up to summation order: causal attention
+   from a response token sees exactly the same keys at the same positions.
+
+Apart from the CUDA memory query, everything here is index arithmetic on CPU tensors; `scoring` and
+`update` call the model.
 """
 from __future__ import annotations
 
@@ -195,14 +203,36 @@ def resolve_microbatching(model: torch.nn.Module, attention_mask: torch.Tensor, 
     "auto": no row cap, and the token budget from `auto_token_budget` unless one is given.
     Raises: MicrobatchingError for anything else than an int ≥ 1 or "auto".
     """
+    max_rows, token_budget = microbatch_limits(model, attention_mask, microbatch_size, token_budget, mode)
+    return plan_microbatches(attention_mask, max_rows=max_rows, token_budget=token_budget)
+
+
+def microbatch_limits(model, attention_mask, microbatch_size, token_budget, mode) -> tuple[int | None, int | None]:
+    """(row cap, token budget) for `microbatch_size` and `token_budget`: "auto" is no row cap and, unless
+    a budget is given, `auto_token_budget` for the longest row."""
     if microbatch_size == "auto":
         if token_budget is None:
             _, length = real_spans(attention_mask)
             token_budget = auto_token_budget(model, width=int(length.max()), mode=mode)
-        return plan_microbatches(attention_mask, token_budget=token_budget)
+        return None, token_budget
     if isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int) or microbatch_size < 1:
         raise MicrobatchingError(f"microbatch_size must be an int ≥ 1 or 'auto', got {microbatch_size!r}")
-    return plan_microbatches(attention_mask, max_rows=microbatch_size, token_budget=token_budget)
+    return microbatch_size, token_budget
+
+
+def plan_forwards(model: torch.nn.Module, attention_mask: torch.Tensor, microbatch_size: int | str,
+                  token_budget: int | None, *, mode: str, sharing: PromptSharing | None = None
+                  ) -> list[Microbatch] | list[list[torch.Tensor]]:
+    """`resolve_microbatching`, or, given `sharing`, `plan_shared_prompts` under the same limits."""
+    if sharing is None:
+        return resolve_microbatching(model, attention_mask, microbatch_size, token_budget, mode=mode)
+    max_rows, token_budget = microbatch_limits(model, attention_mask, microbatch_size, token_budget, mode)
+    return plan_shared_prompts(sharing, max_rows=max_rows, token_budget=token_budget)
+
+
+def forward_rows(item: Microbatch | list[torch.Tensor]) -> torch.Tensor:
+    """The batch rows one planned forward covers, in its order."""
+    return item.rows if isinstance(item, Microbatch) else torch.cat(item)
 
 
 def padding_stats(attention_mask: torch.Tensor, plan: list[Microbatch]) -> dict:
@@ -213,7 +243,114 @@ def padding_stats(attention_mask: torch.Tensor, plan: list[Microbatch]) -> dict:
             "microbatches": len(plan)}
 
 
+SHARED_PROMPT_MIN_SAVING = 0.1   # share prompts only when that skips ≥ this fraction of the real tokens: the
+                                 # shared layout pads each level to its own widest row and masks with holes
+
+
+@dataclass(frozen=True)
+class PromptSharing:
+    """Which prompt tokens the rows of a batch have in common.
+
+    start, first, P, R: (N,) int64 first real column, first scored column, prompt and response tokens.
+    groups: row indices of each distinct prompt, in order of first appearance.
+    root: tokens every prompt begins with, at most min(P) − 1, so that each prompt keeps a token of its
+    own, whose last hidden state predicts its rows' first response token.
+    """
+    start: torch.Tensor
+    first: torch.Tensor
+    P: torch.Tensor
+    R: torch.Tensor
+    groups: list[torch.Tensor]
+    root: int
+
+    def saved_tokens(self) -> int:
+        """Positions that running the root once and each distinct prompt once does not compute."""
+        shared = sum((len(rows) - 1) * (int(self.P[rows[0]]) - self.root) for rows in self.groups)
+        return (len(self.P) - 1) * self.root + shared
+
+
+def span_columns(x: torch.Tensor, begin: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """(len(begin), max n): the n[i] columns of row i of x from begin[i] on, right-padded with zeros."""
+    col = torch.arange(max(int(n.max()), 0))
+    idx = (begin[:, None] + col[None]).clamp(max=x.shape[1] - 1)
+    return x.gather(1, idx) * (col[None] < n[:, None])
+
+
+def prompt_sharing(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, *,
+                   max_root: int | None = None) -> PromptSharing | None:
+    """Distinct prompts and their common beginning, or None when a row's real tokens are not one span
+    (prompt then response), which the shared layout cannot represent.
+
+    Args: input_ids, attention_mask, response_mask (N, L) in the `BatchedSequences` layout; max_root: a
+          cap on the root (a shard of a batch passes the whole batch's root, so that each row is
+          computed as in one process).
+    """
+    ids, am, rm = input_ids.cpu(), attention_mask.cpu(), response_mask.cpu()
+    start, length = real_spans(am)
+    first = rm.bool().float().argmax(-1)
+    P, R = first - start, start + length - first
+    if not bool((am.sum(-1) == length).all()) or not bool((P >= 1).all()) or not bool((R >= 1).all()):
+        return None
+    prompt = span_columns(ids, start, P)                                       # (N, P_max), zero after P
+    keyed = torch.cat([P[:, None], prompt], 1)                                 # equal rows = equal prompts
+    _, inv = torch.unique(keyed, dim=0, return_inverse=True)                   # (N,) prompt of each row
+    first_row = torch.full((int(inv.max()) + 1,), len(inv)).scatter_reduce(0, inv, torch.arange(len(inv)), "amin")
+    groups = [torch.nonzero(inv == g).flatten() for g in torch.argsort(first_row)]
+    col = torch.arange(prompt.shape[1])
+    same = ((prompt == prompt[:1]) & (col[None] < P[:, None])).all(0)          # (P_max,) column shared by all
+    common = int(same.long().cumprod(0).sum())                                 # length of the common beginning
+    root = min(common, int(P.min()) - 1, max_root if max_root is not None else common)
+    return PromptSharing(start=start, first=first, P=P, R=R, groups=groups, root=root)
+
+
+def plan_shared_prompts(sharing: PromptSharing, *, max_rows: int | None = None,
+                        token_budget: int | None = None) -> list[list[torch.Tensor]]:
+    """Microbatches as lists of pieces (rows of one prompt), longest responses first: whole groups while
+    the microbatch keeps to `max_rows` rows and `token_budget` positions (root + k·Q_max + n·R_max for k
+    prompts of Q = P − root own tokens and n rows); a group too large alone is split into row chunks,
+    each of which recomputes its prompt."""
+    P, R, root = sharing.P, sharing.R, sharing.root
+
+    def fits(pieces: list[torch.Tensor]) -> bool:
+        heads, rows = torch.stack([c[0] for c in pieces]), torch.cat(pieces)
+        cost = root + len(pieces) * (int(P[heads].max()) - root) + len(rows) * int(R[rows].max())
+        return (max_rows is None or len(rows) <= max_rows) and (token_budget is None or cost <= token_budget)
+    plan, cur = [], []
+    for rows in sorted(sharing.groups, key=lambda r: -int(R[r].max())):
+        rows = rows[R[rows].argsort(descending=True, stable=True)]
+        n = len(rows) if max_rows is None else min(len(rows), max_rows)
+        if token_budget is not None:
+            n = min(n, max(1, (token_budget - int(P[rows[0]])) // max(1, int(R[rows[0]]))))
+        for chunk in rows.split(n):
+            if cur and not fits(cur + [chunk]):
+                plan.append(cur)
+                cur = []
+            cur.append(chunk)
+    return plan + ([cur] if cur else [])
+
+
+def plan_shared_passes(sharing: PromptSharing, *, max_rows: int | None = None, token_budget: int | None = None
+                       ) -> tuple[list[Microbatch], list[Microbatch]]:
+    """The two passes of `scoring.shared_prompt_passes`, each length-bucketed under the same limits: the
+    distinct prompts' own tokens after the root (rows index `sharing.groups`), then the responses (rows
+    index the batch)."""
+    heads = torch.stack([g[0] for g in sharing.groups])
+    Q = sharing.P[heads] - sharing.root                                        # (K,) ≥ 1
+    own = (torch.arange(int(Q.max()))[None] < Q[:, None]).long()               # (K, Q_max)
+    resp = (torch.arange(int(sharing.R.max()))[None] < sharing.R[:, None]).long()   # (N, R_max)
+    return (plan_microbatches(own, max_rows=max_rows, token_budget=token_budget),
+            plan_microbatches(resp, max_rows=max_rows, token_budget=token_budget))
+
+
+def worth_sharing(sharing: PromptSharing | None, attention_mask: torch.Tensor) -> bool:
+    """Whether the shared layout skips at least SHARED_PROMPT_MIN_SAVING of the real tokens."""
+    return sharing is not None and \
+        sharing.saved_tokens() >= SHARED_PROMPT_MIN_SAVING * int(attention_mask.bool().sum())
+
+
 __all__ = ["Microbatch", "MicrobatchingError", "plan_microbatches", "auto_token_budget", "budget_from_free_memory",
            "bytes_per_token",
            "resolve_microbatching", "real_spans", "padding_stats", "CPU_TOKEN_BUDGET", "HEAD_CHUNK_ELEMENTS",
-           "head_chunk_positions"]
+           "head_chunk_positions", "PromptSharing", "prompt_sharing", "plan_shared_prompts", "worth_sharing",
+           "span_columns", "SHARED_PROMPT_MIN_SAVING", "plan_forwards", "forward_rows",
+           "microbatch_limits", "plan_shared_passes"]

@@ -54,6 +54,7 @@ import torch.distributed as dist
 import yaml
 
 from . import stages
+from .allocator import keep_freed_memory
 from .artifacts import ArtifactCorruptError, ArtifactRef, verify_artifact, write_bytes_atomic, write_json_atomic
 from .config import ConfigError, MeasureConfig, dump_config, load_config
 from .distributed import init_distributed, rank_and_world, run_on_rank0
@@ -231,6 +232,8 @@ class EntropyMeasurements:
         run log (files on rank 0 only), undone on exit."""
         cfg = self.config
         apply_global_precision(cfg.precision.allow_tf32, cfg.precision.matmul_precision)   # entry point: once
+        if stages.resolve_device(cfg.device) == "cpu":
+            keep_freed_memory()                                          # entry point: CPU passes reuse memory
         self._rank, self._world = init_distributed("gloo" if cfg.device == "cpu" else None)
         self._run = run = run_on_rank0(lambda: stages.prepare_run(cfg), encode=lambda r: str(r.output_dir),
                                        decode=stages.RunDir.at)

@@ -21,8 +21,9 @@ up to summation order (tests/test_fastpaths.py: ≤ 2e-14 relative in float64, �
 from __future__ import annotations
 
 import contextlib
+import inspect
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -30,8 +31,10 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
-from .fastpaths import Microbatch, head_chunk_positions, resolve_microbatching
+from .fastpaths import (Microbatch, PromptSharing, head_chunk_positions, microbatch_limits, plan_shared_passes,
+                        prompt_sharing, resolve_microbatching, span_columns, worth_sharing)
 from .params import build_functional_params_named
 
 
@@ -234,6 +237,166 @@ def scored_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, atten
     return chunked_logprobs_entropy(z, input_ids[:, first:][m], temperature, entropy=entropy)
 
 
+def _cache_call(decoder, d_over, ids, mask, pos, cache):
+    """Decoder output (b, t, d) of `ids` after the tokens in `cache` (which it extends); mask covers the
+    cached columns and ids', pos gives ids' position ids."""
+    kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    kwargs = dict(attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache})
+    out = functional_call(decoder, d_over, (ids,), kwargs, strict=False) if d_over else decoder(ids, **kwargs)
+    return out.last_hidden_state
+
+
+def shared_prompt_root(model: torch.nn.Module, input_ids: torch.Tensor, sharing: PromptSharing, *,
+                       params: Mapping[str, torch.Tensor] | None = None) -> DynamicCache:
+    """Keys/values of the root (the `sharing.root` tokens every prompt begins with), for one row."""
+    decoder, _, d_over, _ = _split_route(model, params)
+    device = next(model.parameters()).device
+    row = int(sharing.groups[0][0])
+    root = input_ids.cpu()[row:row + 1, int(sharing.start[row]):int(sharing.start[row]) + sharing.root]   # (1, C)
+    cache = DynamicCache(config=decoder.config)
+    _cache_call(decoder, d_over, root.to(device), torch.ones_like(root).to(device),
+                torch.arange(sharing.root, device=device)[None], cache)
+    return cache
+
+
+def shared_prompt_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                           sharing: PromptSharing, pieces: list[torch.Tensor], *,
+                           params: Mapping[str, torch.Tensor] | None = None, temperature: float = 1.0,
+                           entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`scored_token_logprobs` of the rows of `pieces` (each: rows holding one prompt), each prompt token
+    computed once (`fastpaths.prompt_sharing`): the root (the tokens all prompts begin with) for one row,
+    then each prompt's own Q = P − root tokens after it, then each row's response after its prompt,
+    every level attending to the levels before it through the keys/values cache. The last hidden state
+    of a prompt predicts its rows' first response token. Plain-head models only (`_split_route`);
+    differentiable in `params`: the update pass runs it per microbatch (`shared_prompt_passes` is the
+    faster form without gradients).
+
+    Args: input_ids, response_mask (N, L) of the whole batch; sharing: its `prompt_sharing`.
+    Returns: S, H (M,) float64 for the scored tokens of rows = cat(pieces), row by row, left to right.
+    """
+    decoder, head, d_over, h_over = _split_route(model, params)
+    device = next(model.parameters()).device
+    ids, rm = input_ids.cpu(), response_mask.cpu()
+    start, first, P, R, C = sharing.start, sharing.first, sharing.P, sharing.R, sharing.root
+    rows, heads = torch.cat(pieces), torch.stack([c[0] for c in pieces])             # (n,), (k,)
+    owner = torch.arange(len(pieces)).repeat_interleave(torch.tensor([len(c) for c in pieces]))   # (n,) piece
+    Q = P[heads] - C                                                                 # (k,) ≥ 1
+    q_mask = (torch.arange(int(Q.max()))[None] < Q[:, None]).long()                  # (k, Q_max)
+    q_ids = span_columns(ids[heads], start[heads] + C, Q)                            # (k, Q_max)
+    r_mask = (torch.arange(int(R[rows].max()))[None] < R[rows][:, None]).long()      # (n, R_max)
+    r_ids, r_scored = span_columns(ids[rows], first[rows], R[rows]), span_columns(rm[rows], first[rows], R[rows])
+
+    def dev(*ts):
+        return [t.to(device) for t in ts]
+    if C:                                                                            # the root, one row
+        cache = shared_prompt_root(model, ids, sharing, params=params)
+        cache.batch_select_indices(torch.zeros(len(heads), dtype=torch.long, device=device))   # 1 -> k rows
+    else:
+        cache = DynamicCache(config=decoder.config)
+    ones = torch.ones(len(heads), C, dtype=torch.long)
+    h_q = _cache_call(decoder, d_over, *dev(q_ids, torch.cat([ones, q_mask], 1),
+                                            (C + torch.arange(q_mask.shape[1]))[None].expand(len(heads), -1)),
+                      cache)                                                         # (k, Q_max, d)
+    cache.batch_select_indices(owner.to(device))                                     # k -> n rows
+    h_r = _cache_call(decoder, d_over, *dev(r_ids, torch.cat([ones[owner], q_mask[owner], r_mask], 1),
+                                            (P[heads][owner])[:, None] + torch.arange(r_mask.shape[1])[None]),
+                      cache)                                                         # (n, R_max, d)
+    h_last = h_q[owner.to(device), (Q[owner] - 1).to(device)]                        # (n, d)
+    h_pred = torch.cat([h_last[:, None], h_r[:, :-1]], 1)               # position j predicts response token j
+    m = r_scored.bool().to(device)
+    return chunked_logprobs_entropy(h_pred[m], r_ids.to(device)[m], temperature, entropy=entropy, head=head,
+                                    head_params=h_over)
+
+
+def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer, each (b, kv_heads, t, head_dim)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def shared_prompt_passes(model: torch.nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                         sharing: PromptSharing, *, params: Mapping[str, torch.Tensor] | None = None,
+                         temperature: float = 1.0, max_rows: int | None = None, token_budget: int | None = None
+                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """S and H of every row without gradients, each prompt token computed once, in two bucketed passes:
+    the root (`sharing.root` tokens all prompts begin with) once; then the distinct prompts' own tokens,
+    bucketed by length, whose keys/values are kept (flat, ΣQ positions per layer) with each prompt's last
+    hidden state; then the responses, bucketed by length, each microbatch attending to the root and to
+    its rows' prompts through a cache gathered from those keys/values. Equals `scored_token_logprobs` on
+    the packed rows up to summation order. Plain-head models only (`_split_route`).
+
+    Args: input_ids, response_mask (N, L); sharing: their `prompt_sharing`; max_rows, token_budget: the
+          limits of each forward (`fastpaths.microbatch_limits`).
+    Yields: per response microbatch, rows (n,) and S, H (M,) float64 of their scored tokens, row by row.
+    """
+    decoder, head, d_over, h_over = _split_route(model, params)
+    device = next(model.parameters()).device
+    ids, rm = input_ids.cpu(), response_mask.cpu()
+    start, first, P, C = sharing.start, sharing.first, sharing.P, sharing.root
+    heads = torch.stack([g[0] for g in sharing.groups])                               # (K,) a row per prompt
+    group = torch.empty(len(P), dtype=torch.long)                                     # (N,) prompt of each row
+    for k, rows in enumerate(sharing.groups):
+        group[rows] = k
+    Q = P[heads] - C                                                                  # (K,) own tokens, ≥ 1
+    root = _kv(shared_prompt_root(model, ids, sharing, params=params)) if C else []  # per layer (1, h, C, hd)
+    prompt_plan, response_plan = plan_shared_passes(sharing, max_rows=max_rows, token_budget=token_budget)
+
+    def cache_of(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+        cache = DynamicCache(config=decoder.config)
+        for layer, (k, v) in enumerate(kv):
+            cache.update(k, v, layer)
+        return cache
+
+    def lengths_mask(length: torch.Tensor, width: int) -> torch.Tensor:
+        return (torch.arange(width)[None] < length[:, None]).long()                   # (n, width)
+
+    # prompts: own tokens after the root; keep their keys/values, flat in plan order, and last hidden states
+    offset = torch.empty(len(heads), dtype=torch.long)                                # (K,) first flat position
+    flat, h_last, done = [], None, 0
+    for mb in prompt_plan:
+        g, W, n = mb.rows, mb.width, len(mb.rows)                                     # g: prompts
+        x = span_columns(ids[heads[g]], start[heads[g]] + C, Q[g])                  # (n, W)
+        own = lengths_mask(Q[g], W)                                                   # (n, W)
+        cache = cache_of([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in root])
+        h = _cache_call(decoder, d_over, x.to(device), torch.cat([torch.ones(n, C, dtype=torch.long), own], 1)
+                        .to(device), (C + torch.arange(W))[None].expand(n, -1).to(device), cache)   # (n, W, d)
+        if h_last is None:
+            h_last = h.new_empty(len(heads), h.shape[-1])                             # (K, d)
+        h_last[g.to(device)] = h[torch.arange(n, device=device), (Q[g] - 1).to(device)]
+        real = own.bool().to(device)
+        flat.append([(k[:, :, C:].transpose(1, 2)[real], v[:, :, C:].transpose(1, 2)[real])
+                     for k, v in _kv(cache)])                                          # per layer (ΣQ_mb, h, hd)
+        offset[g] = done + torch.cumsum(Q[g], 0) - Q[g]
+        done += int(Q[g].sum())
+        del cache, h
+    own_kv = [(torch.cat([f[layer][0] for f in flat]), torch.cat([f[layer][1] for f in flat]))
+              for layer in range(len(flat[0]))]                                        # per layer (ΣQ, h, hd)
+    del flat
+
+    # responses: gather their prompts' keys/values behind the root, then score
+    for mb in response_plan:
+        rows, W, n = mb.rows, mb.width, len(mb.rows)
+        o = group[rows]                                                               # (n,) prompt of each row
+        col = torch.arange(int(Q[o].max()))[None]
+        at = (offset[o][:, None] + torch.minimum(col, Q[o][:, None] - 1)).to(device)  # (n, Qm) flat positions
+        kv = []
+        for layer, (k_own, v_own) in enumerate(own_kv):
+            k, v = (t[at].transpose(1, 2) for t in (k_own, v_own))                    # (n, h, Qm, hd)
+            if C:
+                k = torch.cat([root[layer][0].expand(n, -1, -1, -1), k], 2)
+                v = torch.cat([root[layer][1].expand(n, -1, -1, -1), v], 2)
+            kv.append((k, v))
+        x = span_columns(ids[rows], first[rows], mb.length)                          # (n, W)
+        scored = span_columns(rm[rows], first[rows], mb.length).bool()               # (n, W)
+        mask = torch.cat([torch.ones(n, C, dtype=torch.long), lengths_mask(Q[o], col.shape[1]),
+                          lengths_mask(mb.length, W)], 1)
+        pos = P[rows][:, None] + torch.arange(W)[None]                               # (n, W)
+        h = _cache_call(decoder, d_over, x.to(device), mask.to(device), pos.to(device), cache_of(kv))   # (n, W, d)
+        h_pred = torch.cat([h_last[o.to(device)][:, None], h[:, :-1]], 1)  # position j predicts response token j
+        m = scored.to(device)
+        S, H = chunked_logprobs_entropy(h_pred[m], x.to(device)[m], temperature, head=head, head_params=h_over)
+        yield rows, S, H
+
+
 @dataclass
 class HeadGradients:
     """The decoder output at the scored positions, with its graph, and S, H with their gradients
@@ -358,17 +521,35 @@ def merged_lora_linears(model: torch.nn.Module):
         yield
 
 
+def scoring_sharing(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    response_mask: torch.Tensor, *, params: Mapping[str, torch.Tensor] | None = None,
+                    prompt_root: int | None = None) -> PromptSharing | None:
+    """The batch's `prompt_sharing` when `score_tokens` uses it: a plain-head model (`_split_route`)
+    and enough tokens skipped (`worth_sharing`), or, with `prompt_root`, always, with a root of at most
+    that many tokens; else None (the packed path)."""
+    if _split_route(model, params) is None:
+        return None
+    sharing = prompt_sharing(input_ids, attention_mask, response_mask, max_root=prompt_root)
+    return sharing if prompt_root is not None or worth_sharing(sharing, attention_mask) else None
+
+
 def score_tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  response_mask: torch.Tensor, *, v: Mapping[str, torch.Tensor] | None = None, eta: float = 0.0,
                  temperature: float = 1.0, microbatch_size: int | str = 8, token_budget: int | None = None,
+                 share_prompts: bool = True, prompt_root: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> TokenScores:
     """Teacher-forced S_{i,k}, H_{i,k} at θ (v None) or at θ + ηv, without gradients.
 
-    Rows are length-bucketed and packed (`fastpaths`); results do not depend on the microbatching
-    beyond round-off.
+    Rows whose prompts are the same or begin the same have those tokens computed once
+    (`shared_prompt_passes`, when that skips enough of the work, `fastpaths.worth_sharing`); other
+    batches are length-bucketed and packed (`fastpaths`). Results do not depend on either beyond
+    round-off.
     Args: input_ids, attention_mask, response_mask (N, L); v: name -> tensor over trainable params.
           microbatch_size: rows per forward, or "auto" (token budget from free memory).
-          token_budget: optional cap on rows × packed width per forward.
+          token_budget: optional cap on positions per forward.
+          share_prompts: False forces the packed path. prompt_root: share prompts whenever the layout
+          allows, computing at most this many leading tokens once for all rows (a shard of a batch
+          passes the whole batch's `scoring_sharing` root, so its rows are computed as in one process).
           progress: called with (sequences done, N) after each microbatch.
     Returns: TokenScores with S, H (N, L) float64 on CPU.
     Raises: ScoringError for an empty row or a non-finite value, naming the sequence index.
@@ -376,20 +557,29 @@ def score_tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     input_ids, attention_mask, response_mask = (t.cpu() for t in (input_ids, attention_mask, response_mask))
     check_batch(input_ids, attention_mask, response_mask)
     device = next(model.parameters()).device
-    plan = resolve_microbatching(model, attention_mask, microbatch_size, token_budget, mode="score")
     S_all = torch.zeros(input_ids.shape, dtype=torch.float64)                # (N, L)
     H_all = torch.zeros_like(S_all)
     done = 0
     with torch.no_grad(), merged_lora_linears(model):
         params = None if v is None else build_functional_params_named(model, v, eta)
-        for mb in plan:
-            S, H = scored_token_logprobs(model, *_packed(mb, (input_ids, attention_mask, response_mask), device),
-                                         params=params, temperature=temperature)   # (M,) each
-            r, c = mb.scored_coordinates(response_mask)                     # (M,) original coordinates
+        sharing = scoring_sharing(model, input_ids, attention_mask, response_mask, params=params,
+                                  prompt_root=prompt_root) if share_prompts else None
+        if sharing is None:
+            plan = resolve_microbatching(model, attention_mask, microbatch_size, token_budget, mode="score")
+            passes = ((mb.rows, *scored_token_logprobs(model, *_packed(mb, (input_ids, attention_mask, response_mask),
+                                                                      device), params=params, temperature=temperature))
+                      for mb in plan)
+        else:
+            max_rows, budget = microbatch_limits(model, attention_mask, microbatch_size, token_budget, "score")
+            passes = shared_prompt_passes(model, input_ids, response_mask, sharing, params=params,
+                                          temperature=temperature, max_rows=max_rows, token_budget=budget)
+        for rows, S, H in passes:                                            # S, H (M,) each
+            rc = response_mask[rows].bool().nonzero()                        # (M, 2) row-major, as S and H
+            r, c = rows[rc[:, 0]], rc[:, 1]                                   # (M,) original coordinates
             _raise_if_nonfinite("log-prob", S, r)
             _raise_if_nonfinite("entropy", H, r)
             S_all[r, c], H_all[r, c] = S.cpu(), H.cpu()
-            done += len(mb.rows)
+            done += len(rows)
             if progress:
                 progress(done, len(input_ids))
     return TokenScores(S=S_all, H=H_all, mask=response_mask.bool())

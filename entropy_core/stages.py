@@ -44,7 +44,6 @@ import inspect
 import json
 import math
 import os
-import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,7 +63,7 @@ from .distributed import (distributed_linear_estimates, distributed_score_tokens
                           rank_and_world, run_on_rank0)
 from .estimators import default_fd_step, entropy_base, ess, linear_estimates, snis_delta
 from .estimators.attribution import attribute, covariance_proxy, spearman
-from .fastpaths import auto_token_budget, resolve_microbatching
+from .fastpaths import auto_token_budget
 from .loading import check_checkpoint_files, load_adam_optimizer_from_path, load_peft_for_probe, resolve_base_model
 from .logging import DetailedLogger
 from .report import ATTR_CSV_NAME, ATTR_PLOT_NAME, CSV_NAME, PLOT_NAME, RESULTS_NAME
@@ -593,43 +592,22 @@ def update_vector(ckpt: CheckpointRef, u_ref: ArtifactRef, *, update: UpdateConf
 # ------------------------------------------------------------------------------------------------ scoring
 def _teacher_force(model, batch: BatchedSequences, v, eta: float, *, temperature: float, microbatch_size: int | str,
                    log: DetailedLogger, progress: Progress | None) -> tuple[TokenScores, int | str]:
-    """score_tokens one microbatch at a time (for progress), halving it on CUDA OOM.
-
-    The microbatches are planned over all of E, longest rows first (`resolve_microbatching`), so each
-    packs rows of similar length; rows are scored independently, so this equals one score_tokens call.
-    An int is a row cap; "auto" a token budget from free device memory, which an OOM halves."""
+    """score_tokens over all of E in one call, so that rows sharing prompts (or a template's beginning)
+    share their computation (`scoring.shared_prompt_passes`); progress after each forward; the
+    microbatch halved on CUDA OOM (`_halving_on_oom`: the pass starts over). Returns the scores and the
+    microbatch that worked: rows, or "auto (B tokens)"."""
     ids, am, rm = batch.input_ids, batch.attention_mask, batch.response_mask
-    N = ids.shape[0]
-    S, H = torch.zeros(ids.shape, dtype=torch.float64), torch.zeros(ids.shape, dtype=torch.float64)   # (N, L)
-    todo, mb, budget = torch.arange(N), microbatch_size, None
-    if mb == "auto":
-        budget = auto_token_budget(model, width=int(am.sum(-1).max()), mode="score")
-    while todo.numel():
-        plan = resolve_microbatching(model, am[todo], mb if budget is None else "auto", budget, mode="score")
-        rows, ts = todo[plan[0].rows], None
+
+    def run(mb: int | str) -> TokenScores:
         try:
-            ts = score_tokens(model, ids[rows], am[rows], rm[rows], v=v, eta=eta, temperature=temperature,
-                              microbatch_size=rows.numel())
-        except torch.cuda.OutOfMemoryError:
-            if rows.numel() <= 1:
-                raise
-        except ScoringError as e:          # its indices count rows of this microbatch; name E's own
-            msg = re.sub(r"\bindex (\d+)", lambda m: f"index {int(rows[int(m.group(1))])}", str(e))
-            raise ScoringError(f"{'θ pass' if v is None else f'θ+ηv pass at η={eta:g}'}: {msg}") from e
-        if ts is None:
-            _free_device_memory()
-            if budget is None:
-                mb = max(1, rows.numel() // 2)
-            else:
-                budget //= 2
-            log.log("oom_retry", "minimal", stage="score", eta=eta, microbatch_size=rows.numel(),
-                    retry_with=mb if budget is None else f"token budget {budget}")
-            continue
-        S[rows], H[rows] = ts.S, ts.H
-        todo = todo[~torch.isin(todo, rows)]
-        if progress is not None:
-            progress(N - todo.numel(), N)
-    return TokenScores(S=S, H=H, mask=rm.bool()), mb if budget is None else f"auto ({budget} tokens)"
+            return score_tokens(model, ids, am, rm, v=v, eta=eta, temperature=temperature, microbatch_size=mb,
+                                progress=progress)
+        except ScoringError as e:
+            raise ScoringError(f"{'θ pass' if v is None else f'θ+ηv pass at η={eta:g}'}: {e}") from e
+    ts, mb = _halving_on_oom(run, microbatch_size, what="score", log=log)
+    if mb == "auto":
+        mb = f"auto ({auto_token_budget(model, width=int(am.sum(-1).max()), mode='score')} tokens)"
+    return ts, mb
 
 
 def score(ckpt: CheckpointRef, e_ref: ArtifactRef, v_ref: ArtifactRef | None = None, *, eta: float = 0.0,

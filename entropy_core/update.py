@@ -11,22 +11,20 @@ All arithmetic after the backward pass is float64.
 
 The gradient pass is length-bucketed and packed like scoring (`fastpaths`), or, when the rows of each
 prompt group hold the same prompt, runs every prompt once and shares its keys/values with the group's
-responses (`shared_prompt_groups`); its float64 log-softmax is checkpointed per chunk of positions
+responses (`fastpaths.prompt_sharing`, `scoring.shared_prompt_logprobs`); its float64 log-softmax is checkpointed per chunk of positions
 (`scoring.chunked_logprobs_entropy`), so the backward keeps model-dtype logits of scored positions only.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
-from .fastpaths import auto_token_budget, real_spans, resolve_microbatching
+from .fastpaths import plan_forwards, prompt_sharing, worth_sharing
 from .params import get_optimizer_named_params
-from .scoring import _split_route, check_batch, chunked_logprobs_entropy, position_ids_from_mask, scored_token_logprobs
+from .scoring import _split_route, check_batch, scored_token_logprobs, shared_prompt_logprobs
 
 
 @dataclass
@@ -82,104 +80,17 @@ def _hparams(optimizer: torch.optim.Optimizer, group: dict) -> dict:
                 decoupled=bool(decoupled))
 
 
-def _spans(batch: Mapping) -> tuple[torch.Tensor, ...]:
-    """Per row (N,) int64: first real column, first scored column, prompt tokens, response tokens."""
-    am, rm = batch["attention_mask"].cpu(), batch["response_mask"].cpu()
-    start, length = real_spans(am)
-    first = rm.bool().float().argmax(-1)
-    return start, first, first - start, start + length - first
-
-
-def _columns(x: torch.Tensor, begin: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """(len(begin), max n): the n[i] columns of row i of x from begin[i] on, right-padded with zeros."""
-    col = torch.arange(int(n.max()))
-    idx = (begin[:, None] + col[None]).clamp(max=x.shape[1] - 1)
-    return x.gather(1, idx) * (col[None] < n[:, None])
-
-
-def shared_prompt_groups(batch: Mapping) -> list[torch.Tensor] | None:
-    """Rows of each prompt group (batch["group"]) when every row is one contiguous real span and the
-    rows of a group hold the same prompt (their real tokens before the first scored one); else None."""
-    if "group" not in batch:
-        return None
-    ids, am = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
-    start, first, P, R = _spans(batch)
-    if not bool((am.sum(-1) == P + R).all()):
-        return None                                                            # a hole inside a real span
-    group = batch["group"].cpu()
-    groups = [torch.nonzero(group == g).flatten() for g in torch.unique(group)]
-    prompt = _columns(ids, start, P)                                           # (N, P_max)
-    same = all(bool((P[rows] == P[rows[0]]).all() and (prompt[rows] == prompt[rows[0]]).all()) for rows in groups)
-    return groups if same else None
-
-
-def _shared_prompt_plan(spans: tuple[torch.Tensor, ...], groups: list[torch.Tensor], max_rows: int | None,
-                        budget: int | None) -> list[list[torch.Tensor]]:
-    """Microbatches as lists of pieces (rows of one group): whole groups while the microbatch keeps to
-    `max_rows` rows and to `budget` tokens (k·P_max + n·R_max); a group too large alone is split into row
-    chunks, each of which recomputes its prompt. spans: `_spans` of the batch."""
-    _, _, P, R = spans
-
-    def fits(pieces: list[torch.Tensor]) -> bool:
-        heads, rows = torch.stack([c[0] for c in pieces]), torch.cat(pieces)
-        return (max_rows is None or len(rows) <= max_rows) and \
-            (budget is None or len(pieces) * int(P[heads].max()) + len(rows) * int(R[rows].max()) <= budget)
-    plan, cur = [], []
-    for rows in sorted(groups, key=lambda r: -int(R[r].max())):
-        rows = rows[R[rows].argsort(descending=True, stable=True)]
-        n = len(rows) if max_rows is None else min(len(rows), max_rows)
-        if budget is not None:
-            n = min(n, max(1, (budget - int(P[rows[0]])) // max(1, int(R[rows[0]]))))
-        for chunk in rows.split(n):
-            if cur and not fits(cur + [chunk]):
-                plan.append(cur)
-                cur = []
-            cur.append(chunk)
-    return plan + ([cur] if cur else [])
-
-
-def _shared_prompt_S(model, batch: Mapping, spans: tuple[torch.Tensor, ...], pieces: list[torch.Tensor],
-                     temperature: float) -> torch.Tensor:
-    """S_i of the rows of `pieces` (each: rows sharing one prompt), in that order, each prompt run once:
-    its keys/values are repeated for its rows and its last hidden state predicts their first response
-    token. Differentiable; equals scoring the rows one by one up to summation order. (n,) float64."""
-    decoder, head, _, _ = _split_route(model, None)
-    device = next(model.parameters()).device
-    ids, rm = batch["input_ids"].cpu(), batch["response_mask"].cpu()
-    start, first, P, R = spans
-    rows, heads = torch.cat(pieces), torch.stack([c[0] for c in pieces])
-    owner = torch.arange(len(pieces)).repeat_interleave(torch.tensor([len(c) for c in pieces]))   # (n,) piece
-    p_mask = (torch.arange(int(P[heads].max()))[None] < P[heads][:, None]).long()                 # (k, P_max)
-    p_ids = _columns(ids[heads], start[heads], P[heads])
-    r_mask = (torch.arange(int(R[rows].max()))[None] < R[rows][:, None]).long()                    # (n, R_max)
-    r_ids, r_scored = _columns(ids[rows], first[rows], R[rows]), _columns(rm[rows], first[rows], R[rows])
-
-    cache = DynamicCache(config=decoder.config)     # the kwarg: `cache` in newer transformers, else `past_key_values`
-    kw = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-    h_p = decoder(p_ids.to(device), attention_mask=p_mask.to(device), position_ids=position_ids_from_mask(
-        p_mask).to(device), use_cache=True, **{kw: cache}).last_hidden_state                      # (k, P_max, d)
-    cache.batch_select_indices(owner.to(device))                                                  # k -> n rows
-    h_r = decoder(r_ids.to(device), attention_mask=torch.cat([p_mask[owner], r_mask], 1).to(device),
-                  position_ids=(P[heads][owner][:, None] + torch.arange(r_mask.shape[1])[None]).to(device),
-                  use_cache=True, **{kw: cache}).last_hidden_state                                # (n, R_max, d)
-    h_last = h_p[owner.to(device), (P[heads][owner] - 1).to(device)]                              # (n, d)
-    h_pred = torch.cat([h_last[:, None], h_r[:, :-1]], 1)                 # position j predicts response token j
-    m = r_scored.bool().to(device)
-    S_tok, _ = chunked_logprobs_entropy(h_pred[m], r_ids.to(device)[m], temperature, entropy=False, head=head)
-    row = torch.arange(len(rows), device=device).repeat_interleave(m.sum(-1))
-    return torch.zeros(len(rows), dtype=torch.float64, device=device).index_add(0, row, S_tok)
-
-
 def accumulate_gradient(model, params: Mapping[str, torch.nn.Parameter], batch: Mapping, coef: torch.Tensor, *,
                         microbatch_size: int | str, temperature: float = 1.0, per_sequence: bool = False,
                         token_budget: int | None = None, share_prompts: bool = True):
     """g = ∇ Σ_i c_i S_i summed over microbatches in float64 (name -> tensor); with `per_sequence`, also
     each sequence's share g_i as name -> (N, *shape), by one backward per sequence.
 
-    Microbatches: when the rows of every prompt group share their prompt (`shared_prompt_groups`, a
-    plain-head model, `share_prompts`), whole groups (or row chunks of one), each prompt run once;
-    otherwise length-bucketed, packed rows. microbatch_size: rows per backward, or "auto" (a token
-    budget from free memory); token_budget: optional cap on tokens per microbatch.
+    Microbatches: when rows share prompts (`fastpaths.prompt_sharing` without a root, worth it by
+    `fastpaths.worth_sharing`, a plain-head model, `share_prompts`), whole prompt groups (or row chunks
+    of one), each prompt run once per microbatch; otherwise length-bucketed, packed rows.
+    microbatch_size: rows per backward, or "auto" (a token budget from free memory); token_budget:
+    optional cap on positions per microbatch.
     Returns: g, g_i (or None), and the loss value L (float)."""
     device = next(iter(params.values())).device
     names, tensors = list(params), list(params.values())
@@ -188,23 +99,21 @@ def accumulate_gradient(model, params: Mapping[str, torch.nn.Parameter], batch: 
     N = cols[0].shape[0]
     g_i = {n: torch.zeros((N, *p.shape), dtype=torch.float64, device=device) for n, p in params.items()} \
         if per_sequence else None
-    groups = shared_prompt_groups(batch) if share_prompts and not per_sequence and _split_route(model, None) \
-        else None
-    if groups is not None:      # each prompt runs once per microbatch; its responses share its keys/values
-        spans = _spans(batch)               # as resolve_microbatching: "auto" = no row cap, a token budget
-        _, _, P, R = spans
-        auto = microbatch_size == "auto"
-        budget = token_budget if token_budget is not None or not auto else \
-            auto_token_budget(model, width=int((P + R).max()), mode="grad")
-        plan = _shared_prompt_plan(spans, groups, None if auto else microbatch_size, budget)
-    else:
-        plan = resolve_microbatching(model, cols[1], 1 if per_sequence else microbatch_size, token_budget,
-                                     mode="grad")
+    sharing = prompt_sharing(*cols, max_root=0) if share_prompts and not per_sequence and _split_route(model, None) \
+        else None   # whole prompts only: a row's gradient then does not depend on the other rows (shards)
+    sharing = sharing if worth_sharing(sharing, cols[1]) else None   # else length-bucketed, packed rows
+    plan = plan_forwards(model, cols[1], 1 if per_sequence else microbatch_size, token_budget, mode="grad",
+                         sharing=sharing)
     total = 0.0
     for mb in plan:
-        if groups is not None:
+        if sharing is not None:       # each prompt token once per microbatch (scoring.shared_prompt_logprobs)
             rows = torch.cat(mb)
-            loss = _weighted_sum(_shared_prompt_S(model, batch, spans, mb, temperature), coef[rows], rows)
+            S_tok, _ = shared_prompt_logprobs(model, cols[0], cols[2], sharing, mb, temperature=temperature,
+                                              entropy=False)                           # (M,) row by row
+            T = cols[2][rows].bool().sum(-1)
+            S = torch.zeros(len(rows), dtype=torch.float64, device=S_tok.device).index_add(
+                0, torch.arange(len(rows), device=S_tok.device).repeat_interleave(T.to(S_tok.device)), S_tok)
+            loss = _weighted_sum(S, coef[rows], rows)
         else:
             loss = drgrpo_loss(model, *(t.to(device) for t in mb.pack(*cols)), coef[mb.rows],
                                temperature=temperature)

@@ -56,6 +56,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.runtime import flow_run  # noqa: E402
 
 from entropy_core import report, stages  # noqa: E402
+from entropy_core.allocator import keep_freed_memory  # noqa: E402
 from entropy_core.config import ConfigError, MeasureConfig, dump_config, load_config  # noqa: E402
 from entropy_core.measure import EntropyMeasurements, StageRefs, run_info  # noqa: E402
 from entropy_core.precision import apply_global_precision  # noqa: E402
@@ -88,6 +89,8 @@ def measure(cfg: MeasureConfig = MeasureConfig()) -> str:
     t_start = time.perf_counter()
     logging.getLogger("entropy_core").setLevel(logging.INFO)
     apply_global_precision(cfg.precision.allow_tf32, cfg.precision.matmul_precision)   # entry point: once
+    if stages.resolve_device(cfg.device) == "cpu":
+        keep_freed_memory()                                            # entry point: CPU passes reuse memory
     run = stages.prepare_run(cfg)                                      # manifest; old results.json removed
     t = bind_tasks(run.output_dir, cfg.pipeline)
     if cfg.gpus > 1:                                                    # every stage on cfg.gpus ranks

@@ -359,17 +359,20 @@ def test_reward_that_fails_when_called_stops_sampling_U(reward, names, setup, tm
 def poison(monkeypatch):
     """poison(match, value): every model the stages load gets a decoder forward hook that fills the hidden
     states of each row whose real tokens `match(tokens)` with `value` (NaN / inf), so the logits of that
-    sequence, and only that one, are non-finite. Removed (and the model cache dropped) afterwards."""
+    sequence, and only that one, are non-finite. A forward after cached keys/values (shared prompts in
+    scoring) shows `match` only its own tokens, e.g. a response. Removed (and the model cache dropped)
+    afterwards."""
     handles, real = [], stages.get_model
 
     def install(match, value):
         def hook(module, args, kwargs, out):
             ids = args[0] if args else kwargs.get("input_ids")
             am = kwargs.get("attention_mask")
-            if ids is None or am is None or am.shape != ids.shape:      # decode steps: (n, 1) ids, longer mask
+            if ids is None or am is None or (ids.shape[1] == 1 and am.shape[1] > 1):   # decode steps
                 return out
+            own = am[:, am.shape[1] - ids.shape[1]:]                    # the mask columns of these tokens
             for r in range(ids.shape[0]):
-                if match(ids[r][am[r].bool()].tolist()):
+                if match(ids[r][own[r].bool()].tolist()):
                     out.last_hidden_state[r] = value
             return out
 
@@ -395,8 +398,10 @@ def test_non_finite_logits_in_teacher_forcing_stop_the_run_naming_the_sequence(v
                                                                                capsys, poison):
     E = _E(baseline[1])                      # the same config samples the same E
     target = E.input_ids[K_BAD][E.attention_mask[K_BAD].bool()].tolist()
+    response = E.input_ids[K_BAD][E.response_mask[K_BAD].bool()].tolist()   # alone when prompts are shared
     assert sum(E.input_ids[i][E.attention_mask[i].bool()].tolist() == target for i in range(len(E))) == 1
-    poison(lambda toks: toks == target, value)
+    assert sum(E.input_ids[i][E.response_mask[i].bool()].tolist() == response for i in range(len(E))) == 1
+    poison(lambda toks: toks in (target, response), value)
     out = tmp_path / "run"
     rc, err = _main(_write(setup["config"], out, tmp_path / "config.yaml"), capsys=capsys)
     _assert_one_clear_error(rc, err, 1, out, "ScoringError", "θ pass", "non-finite", f"index {K_BAD}")

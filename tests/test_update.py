@@ -4,7 +4,8 @@ import torch
 
 from entropy_core.params import get_trainable_named
 from entropy_core.scoring import position_ids_from_mask
-from entropy_core.update import accumulate_gradient, compute_update_vector, drgrpo_coefficients, shared_prompt_groups
+from entropy_core.fastpaths import prompt_sharing, worth_sharing
+from entropy_core.update import accumulate_gradient, compute_update_vector, drgrpo_coefficients
 from tiny import make_lora_model, random_batch
 
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}   # issue 2: real-step agreement per dtype
@@ -63,9 +64,9 @@ def rel_err(a, b):
 @pytest.mark.parametrize("shared", [False, True])
 def test_update_vector_equals_real_adamw_step(dtype, amsgrad, clip, shared):
     """shared: the rows of a prompt group hold one prompt, so the gradient pass runs each prompt once
-    and shares its keys/values with the group's responses (update.shared_prompt_groups)."""
+    and shares its keys/values with the group's responses (fastpaths.prompt_sharing)."""
     m, opt, b, params = stepped(dtype, amsgrad, shared_prompts=shared)
-    assert (shared_prompt_groups(b) is not None) == shared
+    assert worth_sharing(sharing(b), b["attention_mask"]) == shared
     res = compute_update_vector(m, opt, b, microbatch_size=4, clip_norm=clip)
     with torch.no_grad():
         assert res.stats["loss"] == pytest.approx(float(reference_loss(m, b)), rel=1e-5)
@@ -94,11 +95,15 @@ def test_shared_prompt_gradient_equals_the_packed_path(microbatch_size, token_bu
     assert rel_err(g, ref) <= 1e-12 and loss == pytest.approx(loss_ref, rel=1e-12)
 
 
-def test_groups_whose_rows_differ_in_prompt_are_not_shared():
+def sharing(b):
+    return prompt_sharing(b["input_ids"], b["attention_mask"], b["response_mask"])
+
+
+def test_a_row_whose_prompt_differs_gets_a_group_of_its_own():
     b = u_batch(shared_prompts=True)
-    assert shared_prompt_groups(b) is not None
+    assert [g.tolist() for g in sharing(b).groups] == [[0, 1, 2], [3, 4, 5]]
     b["input_ids"][4, 0] = 3 if int(b["input_ids"][3, 0]) != 3 else 4   # one prompt token of one row
-    assert shared_prompt_groups(b) is None
+    assert [g.tolist() for g in sharing(b).groups] == [[0, 1, 2], [3, 5], [4]]
 
 
 def test_update_vector_uses_saved_weight_decay_not_defaults():
