@@ -716,8 +716,11 @@ def print_table(result: dict) -> None:
           f"{m['device_name']}, torch {m['torch']}, {m['threads']} threads; B_E={m['B_E']}, B_U={m['B_U']}x{m['G']}, "
           f"prompts {m['prompt_len']}, new tokens {m['new_tokens']}")
     print("matmul ceiling TFLOP/s: " + ", ".join(f"{k} {v:.3g}" for k, v in result["matmul_ceiling_tflops"].items()))
-    print(f"E: {m['E_real_tokens']} real tokens; packed {m['E_packed_positions']} positions, padded layout "
-          f"{m['E_padded_positions']}")
+    print(f"E: {m['E_real_tokens']} real tokens; packed {m['E_packed_positions']} positions, with shared prompts "
+          f"{m['E_shared_prompt_positions']} (prompts begin with {m['shared_prefix']} common tokens, drawn from "
+          f"{m['prompt_pool'] or 'all-distinct'} prompts), padded layout {m['E_padded_positions']}")
+    print("tok/s, useful/s and TFLOP/s count every row's prompt, shared or not: with shared prompts they are "
+          "effective rates")
     hdr = f"{'stage':26s} {'seconds':>9s} {'extrap s':>9s} {'seqs':>6s} {'tok/s':>10s} {'useful/s':>10s} " \
           f"{'TFLOP/s':>8s} {'%ceil':>6s} {'GiB':>6s}"
     print(hdr)

@@ -307,6 +307,13 @@ def _empty_scores(L: int, names: Sequence[str]) -> TokenScores:
     return TokenScores(mask=torch.zeros((0, L), dtype=torch.bool), **{k: z.clone() for k in names})
 
 
+def _whole_batch_sharing(model: torch.nn.Module, batch) -> dict:
+    """score_tokens / jvp_scores keywords that make a shard share prompts as the whole batch does (the same
+    root, or none), so that each row is computed exactly as in one process."""
+    s = scoring_sharing(model, *batch_tensors(batch))
+    return dict(share_prompts=False) if s is None else dict(prompt_root=s.root)
+
+
 def distributed_score_tokens(model: torch.nn.Module, batch, *, v: Mapping[str, torch.Tensor] | None = None,
                              eta: float = 0.0, temperature: float = 1.0, microbatch_size: int | str = 8,
                              shard: str = "contiguous", index: torch.Tensor | None = None) -> TokenScores:
@@ -316,13 +323,9 @@ def distributed_score_tokens(model: torch.nn.Module, batch, *, v: Mapping[str, t
           full batches are split. The rest as score_tokens.
     Raises: ScoringError as score_tokens (naming the local row); ShardError when ranks disagree.
     """
-    full = index is None
+    kw = _whole_batch_sharing(model, batch) if index is None else {}
     (ids, am, rm), index, n = _local_rows(batch, index, shard)
     if len(index):
-        kw = {}
-        if full:     # the whole batch's prompt sharing, so that each row is computed as in one process
-            s = scoring_sharing(model, *batch_tensors(batch))
-            kw = dict(share_prompts=False) if s is None else dict(prompt_root=s.root)
         local = score_tokens(model, ids, am, rm, v=v, eta=eta, temperature=temperature,
                              microbatch_size=microbatch_size, **kw)
     else:                                                            # more ranks than rows
@@ -334,10 +337,11 @@ def distributed_jvp_scores(model: torch.nn.Module, batch, v: Mapping[str, torch.
                            temperature: float = 1.0, microbatch_size: int | str = 8, shard: str = "contiguous",
                            index: torch.Tensor | None = None) -> TokenScores:
     """`jvp_scores` of this rank's rows, all-gathered: S, H, dS, dH (and d2S, d2H) (N, L) on every rank."""
+    kw = _whole_batch_sharing(model, batch) if index is None else {}
     (ids, am, rm), index, n = _local_rows(batch, index, shard)
     if len(index):
         local = jvp_scores(model, ids, am, rm, v, order=order, temperature=temperature,
-                           microbatch_size=microbatch_size)
+                           microbatch_size=microbatch_size, **kw)
     else:
         local = _empty_scores(ids.shape[1], ("S", "H", "dS", "dH") + (("d2S", "d2H") if order == 2 else ()))
     return gather_token_scores(local, index, n)

@@ -12,7 +12,8 @@ Forward-mode derivatives along v (`jvp_scores`) run with the math SDPA kernel, t
 kernel with forward-mode AD on every device (DESIGN §2.8).
 
 Where the work goes (`fastpaths`): rows are bucketed by length and each microbatch is packed to its
-own real span, so padding is not computed. The vocabulary projection and the float64 log-softmax run
+own real span, so padding is not computed. When rows share prompt tokens (a template's beginning,
+repeated prompts), `score_tokens` computes them once (`shared_prompt_passes`). The vocabulary projection and the float64 log-softmax run
 on scored positions only, a chunk of positions at a time (`scored_token_logprobs`), so no (n, L, V)
 tensor exists, float64 or not. float64 passes without gradients run each LoRA Linear as one matmul
 with W + s·B·A (`merged_lora_linears`). Results equal the plain padded, one-sequence-at-a-time computation
@@ -33,8 +34,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from .fastpaths import (Microbatch, PromptSharing, head_chunk_positions, microbatch_limits, plan_shared_passes,
-                        prompt_sharing, resolve_microbatching, span_columns, worth_sharing)
+from .fastpaths import (Microbatch, PromptSharing, forward_rows, head_chunk_positions, microbatch_limits,
+                        plan_forwards, plan_shared_passes, prompt_sharing, resolve_microbatching, span_columns,
+                        worth_sharing)
 from .params import build_functional_params_named
 
 
@@ -651,11 +653,13 @@ def constant_weight_linears(model: torch.nn.Module):
 def jvp_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                response_mask: torch.Tensor, v: Mapping[str, torch.Tensor], *, order: int = 1,
                temperature: float = 1.0, microbatch_size: int | str = 8, token_budget: int | None = None,
+               share_prompts: bool = True, prompt_root: int | None = None,
                progress: Callable[[int, int], None] | None = None) -> TokenScores:
     """S, H and their directional derivatives d/dη (order 1) and d²/dη² (order 2) at η = 0 along v,
     by forward-mode AD through `functional_call` (one JVP, or a JVP of a JVP).
 
-    Microbatching as in `score_tokens` ("auto" plans for 2 or 4 copies of every activation).
+    Microbatching and prompt sharing as in `score_tokens` ("auto" plans for 2 or 4 copies of every
+    activation); shared prompt tokens run once per microbatch (`shared_prompt_logprobs`), inside the JVP.
     Returns: TokenScores with S, H, dS, dH (and d2S, d2H for order 2), (N, L) float64 on CPU.
     Raises: ScoringError naming the sequence on a non-finite value, or when the model cannot be
             differentiated forward (e.g. bitsandbytes 4-bit layers, flash-attn).
@@ -667,8 +671,10 @@ def jvp_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
     p0 = next(model.parameters())
     eta0 = torch.zeros((), dtype=p0.dtype, device=p0.device)
     one = torch.ones_like(eta0)
-    plan = resolve_microbatching(model, attention_mask, microbatch_size, token_budget,
-                                 mode="jvp" if order == 1 else "jvp2")
+    sharing = scoring_sharing(model, input_ids, attention_mask, response_mask, prompt_root=prompt_root) \
+        if share_prompts else None
+    plan = plan_forwards(model, attention_mask, microbatch_size, token_budget, mode="jvp" if order == 1 else "jvp2",
+                         sharing=sharing)
     names = ("S", "H", "dS", "dH") + (("d2S", "d2H") if order == 2 else ())
     out = {k: torch.zeros(input_ids.shape, dtype=torch.float64) for k in names}    # (N, L) each
     done = 0
@@ -676,11 +682,17 @@ def jvp_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
     # second derivative). No graph is built anyway: every overridden tensor is detached.
     with forward_ad_attention(model), constant_weight_linears(model):
         for mb in plan:
-            batch = _packed(mb, (input_ids, attention_mask, response_mask), p0.device)
+            if sharing is None:
+                batch = _packed(mb, (input_ids, attention_mask, response_mask), p0.device)
 
-            def f(eta):
-                return scored_token_logprobs(model, *batch, params=build_functional_params_named(model, v, eta),
-                                             temperature=temperature)
+                def f(eta):
+                    return scored_token_logprobs(model, *batch, params=build_functional_params_named(model, v, eta),
+                                                 temperature=temperature)
+            else:
+                def f(eta, pieces=mb):
+                    return shared_prompt_logprobs(model, input_ids, response_mask, sharing, pieces,
+                                                  params=build_functional_params_named(model, v, eta),
+                                                  temperature=temperature)
 
             try:
                 if order == 1:
@@ -696,11 +708,13 @@ def jvp_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
                     raise ScoringError(f"{type(model).__name__} cannot be differentiated in forward mode: {e}. "
                                        "Use a non-quantised model and SDPA/eager attention") from e
                 raise
-            r, c = mb.scored_coordinates(response_mask)
+            rows = forward_rows(mb)
+            rc = response_mask[rows].bool().nonzero()                        # (M, 2) row-major, as the values
+            r, c = rows[rc[:, 0]], rc[:, 1]
             for name, x in zip(names, values):
                 _raise_if_nonfinite(name, x, r)
                 out[name][r, c] = x.detach().cpu()
-            done += len(mb.rows)
+            done += len(rows)
             if progress:
                 progress(done, len(input_ids))
     return TokenScores(mask=response_mask.bool(), **out)

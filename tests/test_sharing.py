@@ -9,13 +9,13 @@ import torch
 
 from entropy_core.fastpaths import SHARED_PROMPT_MIN_SAVING, plan_shared_prompts, prompt_sharing, worth_sharing
 from entropy_core.params import get_trainable_named
-from entropy_core.scoring import score_tokens
+from entropy_core.scoring import jvp_scores, score_tokens
 from entropy_core.update import accumulate_gradient, drgrpo_coefficients
 from test_fastpaths import REL_TOL, assert_rel, direction, models  # noqa: F401  (models: fixture)
 from tiny import random_batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.straightforward import score_one_at_a_time  # noqa: E402
+from benchmarks.straightforward import jvp_one_at_a_time, score_one_at_a_time  # noqa: E402
 
 TEMPLATE = [5, 6, 7, 8, 9]
 
@@ -114,6 +114,19 @@ def test_shared_scores_equal_one_at_a_time(models, dtype, microbatch_size, shift
         assert_rel(getattr(fast, name), getattr(ref, name), REL_TOL[dtype], name)
         assert_rel(getattr(fast, name), getattr(packed, name), REL_TOL[dtype], f"{name} vs packed")
         assert (getattr(fast, name)[~fast.mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype,order", [(torch.float64, 1), (torch.float64, 2), (torch.float32, 1)])
+def test_shared_jvp_equals_one_at_a_time(models, dtype, order):  # noqa: F811
+    """The JVPs share prompt tokens per microbatch (root and repeated prompts inside the JVP): the
+    straightforward path's derivatives."""
+    m, b = models[dtype], template_batch()
+    v = direction(m)
+    ref = jvp_one_at_a_time(m, *cols(b), v, order=order)
+    for mb in ([1, 4, "auto"] if order == 1 else [3]):                         # nested JVPs are slow on CPU
+        js = jvp_scores(m, *cols(b), v, order=order, microbatch_size=mb)
+        for name in ("S", "H", "dS", "dH") + (("d2S", "d2H") if order == 2 else ()):
+            assert_rel(getattr(js, name), getattr(ref, name), REL_TOL[dtype], f"{name} mb={mb}")
 
 
 def test_token_budget_splits_the_prompt_and_response_passes(models):  # noqa: F811
