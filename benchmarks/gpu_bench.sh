@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Stage timings at the seed's scale on a lent H100/H200, in one prepared run of ≈ 5 minutes (≤ 7 at the timeouts).
+# Stage timings at the seed's scale on a lent H100/H200, in one prepared run of ≈ 5½ minutes (≤ 7.7 at the timeouts).
 #
 # What it runs: benchmarks/bench_stages.py on a random-weight model of the real Qwen2.5-1.5B shape
 # (hidden 1536, 28 layers, 12/2 heads, intermediate 8960, vocab 151936; LoRA r=64 on q,k,v,o,gate,up,down),
 # float32 with TF32 off, real GSM8K R1-template prompt lengths, responses up to 150 new tokens.
 # E has the seed's B_E=2048 rows (so its padded layout, which the straightforward path pays for, is the
-# seed's); the E stages run on 256 of them and are extrapolated linearly (column "extrap s"). U is
+# seed's), laid out like GSM8K R1 (bench_stages' defaults for gsm8k_r1: 83 template tokens every prompt
+# begins with, prompts drawn with replacement from 1319, so scoring and the JVPs share prompt tokens);
+# the E stages run on 256 of them and are extrapolated linearly (column "extrap s"; a 256-row subset
+# keeps few of the repeated prompts, so this understates the sharing). U is
 # measured at 32x8 and extrapolated to 64x8. Sampling uses 256 prompts per generate call (HF keeps logits
 # and scores of every step: 2·150·256·151936·4 B ≈ 47 GB; 56 GiB peak on an H100, 1.2x faster than 128).
 # The straightforward one-sequence-at-a-time path is timed against the fast path on 32 rows of the same
@@ -13,7 +16,8 @@
 # on an H100, and the whole script ≈ 4 minutes.
 # Stages past --time-budget are skipped (recorded), and the JSON is rewritten after every stage, so a
 # run cut short by the timeout still leaves its measurements. Then the same shape in float64, θ and η
-# passes only on 256 rows: what the fp64 runtime mode costs against fp32 on this card.
+# passes only on 256 rows: what the fp64 runtime mode costs against fp32 on this card; and the θ pass
+# on unrelated prompts, to compare with shared ones.
 #
 # Needs only torch, transformers, peft, safetensors (the repo is copied to the machine; math_verify,
 # which the benchmark never uses, is stubbed when missing).
@@ -50,4 +54,8 @@ if [[ "$DTYPE" == float32 && "${SKIP_FP64:-0}" != 1 ]]; then
     "$PY" benchmarks/bench_stages.py "${ARGS[@]}" --stages theta,eta --time-budget 60 \
       --dtype float64 --out "$OUT_DIR"
 fi
+# the θ pass on unrelated prompts (no template, no repeats): what shared prompts gain on this card
+timeout --signal=TERM --kill-after=5 45 \
+  "$PY" benchmarks/bench_stages.py "${ARGS[@]}" --stages theta --time-budget 30 --shared-prefix 0 \
+    --prompt-pool 0 --dtype "$DTYPE" --out "$OUT_DIR" || true
 exit $rc

@@ -230,11 +230,6 @@ def plan_forwards(model: torch.nn.Module, attention_mask: torch.Tensor, microbat
     return plan_shared_prompts(sharing, max_rows=max_rows, token_budget=token_budget)
 
 
-def forward_rows(item: Microbatch | list[torch.Tensor]) -> torch.Tensor:
-    """The batch rows one planned forward covers, in its order."""
-    return item.rows if isinstance(item, Microbatch) else torch.cat(item)
-
-
 def padding_stats(attention_mask: torch.Tensor, plan: list[Microbatch]) -> dict:
     """Real tokens vs computed positions for a plan and for the unbucketed (N, L) layout."""
     real = int(attention_mask.bool().sum())
@@ -352,5 +347,5 @@ __all__ = ["Microbatch", "MicrobatchingError", "plan_microbatches", "auto_token_
            "bytes_per_token",
            "resolve_microbatching", "real_spans", "padding_stats", "CPU_TOKEN_BUDGET", "HEAD_CHUNK_ELEMENTS",
            "head_chunk_positions", "PromptSharing", "prompt_sharing", "plan_shared_prompts", "worth_sharing",
-           "span_columns", "SHARED_PROMPT_MIN_SAVING", "plan_forwards", "forward_rows",
+           "span_columns", "SHARED_PROMPT_MIN_SAVING", "plan_forwards",
            "microbatch_limits", "plan_shared_passes"]

@@ -34,9 +34,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from .fastpaths import (Microbatch, PromptSharing, forward_rows, head_chunk_positions, microbatch_limits,
-                        plan_forwards, plan_shared_passes, prompt_sharing, resolve_microbatching, span_columns,
-                        worth_sharing)
+from .fastpaths import (Microbatch, PromptSharing, head_chunk_positions, microbatch_limits, plan_shared_passes,
+                        prompt_sharing, resolve_microbatching, span_columns, worth_sharing)
 from .params import build_functional_params_named
 
 
@@ -270,8 +269,8 @@ def shared_prompt_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, resp
     then each prompt's own Q = P − root tokens after it, then each row's response after its prompt,
     every level attending to the levels before it through the keys/values cache. The last hidden state
     of a prompt predicts its rows' first response token. Plain-head models only (`_split_route`);
-    differentiable in `params`: the update pass runs it per microbatch (`shared_prompt_passes` is the
-    faster form without gradients).
+    differentiable in `params`: the update pass runs it per microbatch (scoring and the JVPs use the
+    faster `shared_prompt_passes`).
 
     Args: input_ids, response_mask (N, L) of the whole batch; sharing: its `prompt_sharing`.
     Returns: S, H (M,) float64 for the scored tokens of rows = cat(pieces), row by row, left to right.
@@ -317,17 +316,21 @@ def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def shared_prompt_passes(model: torch.nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor,
                          sharing: PromptSharing, *, params: Mapping[str, torch.Tensor] | None = None,
-                         temperature: float = 1.0, max_rows: int | None = None, token_budget: int | None = None
+                         temperature: float = 1.0, max_rows: int | None = None, token_budget: int | None = None,
+                         progress: Callable[[int, int], None] | None = None
                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """S and H of every row without gradients, each prompt token computed once, in two bucketed passes:
     the root (`sharing.root` tokens all prompts begin with) once; then the distinct prompts' own tokens,
     bucketed by length, whose keys/values are kept (flat, ΣQ positions per layer) with each prompt's last
     hidden state; then the responses, bucketed by length, each microbatch attending to the root and to
     its rows' prompts through a cache gathered from those keys/values. Equals `scored_token_logprobs` on
-    the packed rows up to summation order. Plain-head models only (`_split_route`).
+    the packed rows up to summation order. Plain-head models only (`_split_route`). Holds the keys/values
+    of every distinct prompt at once: ΣQ positions × layers × 2 × kv width (≈ 3.6 GB in float32 for
+    Qwen2.5-1.5B at the seed's E).
 
     Args: input_ids, response_mask (N, L); sharing: their `prompt_sharing`; max_rows, token_budget: the
-          limits of each forward (`fastpaths.microbatch_limits`).
+          limits of each forward (`fastpaths.microbatch_limits`); progress: called with (rows done, N)
+          after each response microbatch.
     Yields: per response microbatch, rows (n,) and S, H (M,) float64 of their scored tokens, row by row.
     """
     decoder, head, d_over, h_over = _split_route(model, params)
@@ -375,6 +378,7 @@ def shared_prompt_passes(model: torch.nn.Module, input_ids: torch.Tensor, respon
     del flat
 
     # responses: gather their prompts' keys/values behind the root, then score
+    done = 0
     for mb in response_plan:
         rows, W, n = mb.rows, mb.width, len(mb.rows)
         o = group[rows]                                                               # (n,) prompt of each row
@@ -396,6 +400,9 @@ def shared_prompt_passes(model: torch.nn.Module, input_ids: torch.Tensor, respon
         h_pred = torch.cat([h_last[o.to(device)][:, None], h[:, :-1]], 1)  # position j predicts response token j
         m = scored.to(device)
         S, H = chunked_logprobs_entropy(h_pred[m], x.to(device)[m], temperature, head=head, head_params=h_over)
+        done += n
+        if progress:
+            progress(done, len(P))
         yield rows, S, H
 
 
@@ -659,7 +666,8 @@ def jvp_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
     by forward-mode AD through `functional_call` (one JVP, or a JVP of a JVP).
 
     Microbatching and prompt sharing as in `score_tokens` ("auto" plans for 2 or 4 copies of every
-    activation); shared prompt tokens run once per microbatch (`shared_prompt_logprobs`), inside the JVP.
+    activation); with shared prompts one JVP runs through both passes of `shared_prompt_passes`, the
+    kept keys/values of every prompt carrying their tangents (2 or 4 copies).
     Returns: TokenScores with S, H, dS, dH (and d2S, d2H for order 2), (N, L) float64 on CPU.
     Raises: ScoringError naming the sequence on a non-finite value, or when the model cannot be
             differentiated forward (e.g. bitsandbytes 4-bit layers, flash-attn).
@@ -671,50 +679,53 @@ def jvp_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
     p0 = next(model.parameters())
     eta0 = torch.zeros((), dtype=p0.dtype, device=p0.device)
     one = torch.ones_like(eta0)
+    mode = "jvp" if order == 1 else "jvp2"
     sharing = scoring_sharing(model, input_ids, attention_mask, response_mask, prompt_root=prompt_root) \
         if share_prompts else None
-    plan = plan_forwards(model, attention_mask, microbatch_size, token_budget, mode="jvp" if order == 1 else "jvp2",
-                         sharing=sharing)
     names = ("S", "H", "dS", "dH") + (("d2S", "d2H") if order == 2 else ())
     out = {k: torch.zeros(input_ids.shape, dtype=torch.float64) for k in names}    # (N, L) each
     done = 0
+
+    def derivatives(f: Callable) -> tuple[torch.Tensor, ...]:
+        """f(η) -> (S, H) flat; returns S, H, dS, dH (, d2S, d2H) at η = 0."""
+        try:
+            if order == 1:
+                (S, H), (dS, dH) = jvp(f, (eta0,), (one,))
+                return S, H, dS, dH
+            ((S, H), (dS, dH)), ((_, _), (d2S, d2H)) = jvp(lambda eta: jvp(f, (eta,), (one,)), (eta0,), (one,))
+            return S, H, dS, dH, d2S, d2H
+        except (NotImplementedError, RuntimeError) as e:
+            if "forward AD" in str(e) or "forward-mode" in str(e) or "jvp" in str(e).lower():
+                raise ScoringError(f"{type(model).__name__} cannot be differentiated in forward mode: {e}. "
+                                   "Use a non-quantised model and SDPA/eager attention") from e
+            raise
+
+    def store(rows: torch.Tensor, values: tuple[torch.Tensor, ...]) -> None:
+        rc = response_mask[rows].bool().nonzero()                            # (M, 2) row-major, as the values
+        r, c = rows[rc[:, 0]], rc[:, 1]
+        for name, x in zip(names, values):
+            _raise_if_nonfinite(name, x, r)
+            out[name][r, c] = x.detach().cpu()
+
     # No torch.no_grad() here: it disables the decompositions that nested forward AD needs (silu's
     # second derivative). No graph is built anyway: every overridden tensor is detached.
     with forward_ad_attention(model), constant_weight_linears(model):
-        for mb in plan:
-            if sharing is None:
+        if sharing is None:
+            for mb in resolve_microbatching(model, attention_mask, microbatch_size, token_budget, mode=mode):
                 batch = _packed(mb, (input_ids, attention_mask, response_mask), p0.device)
+                store(mb.rows, derivatives(lambda eta: scored_token_logprobs(
+                    model, *batch, params=build_functional_params_named(model, v, eta), temperature=temperature)))
+                done += len(mb.rows)
+                if progress:
+                    progress(done, len(input_ids))
+        else:       # one JVP through both shared passes: the prompts' keys/values carry their tangents
+            max_rows, budget = microbatch_limits(model, attention_mask, microbatch_size, token_budget, mode)
+            rows = torch.cat([mb.rows for mb in plan_shared_passes(sharing, max_rows=max_rows, token_budget=budget)[1]])
 
-                def f(eta):
-                    return scored_token_logprobs(model, *batch, params=build_functional_params_named(model, v, eta),
-                                                 temperature=temperature)
-            else:
-                def f(eta, pieces=mb):
-                    return shared_prompt_logprobs(model, input_ids, response_mask, sharing, pieces,
+            def f(eta):
+                parts = list(shared_prompt_passes(model, input_ids, response_mask, sharing, temperature=temperature,
                                                   params=build_functional_params_named(model, v, eta),
-                                                  temperature=temperature)
-
-            try:
-                if order == 1:
-                    (S, H), (dS, dH) = jvp(f, (eta0,), (one,))
-                    values = (S, H, dS, dH)
-                else:
-                    def df(eta):
-                        return jvp(f, (eta,), (one,))
-                    ((S, H), (dS, dH)), ((_, _), (d2S, d2H)) = jvp(df, (eta0,), (one,))
-                    values = (S, H, dS, dH, d2S, d2H)
-            except (NotImplementedError, RuntimeError) as e:
-                if "forward AD" in str(e) or "forward-mode" in str(e) or "jvp" in str(e).lower():
-                    raise ScoringError(f"{type(model).__name__} cannot be differentiated in forward mode: {e}. "
-                                       "Use a non-quantised model and SDPA/eager attention") from e
-                raise
-            rows = forward_rows(mb)
-            rc = response_mask[rows].bool().nonzero()                        # (M, 2) row-major, as the values
-            r, c = rows[rc[:, 0]], rc[:, 1]
-            for name, x in zip(names, values):
-                _raise_if_nonfinite(name, x, r)
-                out[name][r, c] = x.detach().cpu()
-            done += len(rows)
-            if progress:
-                progress(done, len(input_ids))
+                                                  max_rows=max_rows, token_budget=budget, progress=progress))
+                return torch.cat([S for _, S, _ in parts]), torch.cat([H for _, _, H in parts])
+            store(rows, derivatives(f))
     return TokenScores(mask=response_mask.bool(), **out)
