@@ -592,8 +592,8 @@ def main(argv=None) -> int:
     shared_E = computed(model, E, mb, args.token_budget, "score")
     meta.update(E_real_tokens=st_E["real_tokens"], E_packed_positions=st_E["computed_tokens"],
                 E_padded_positions=st_E["padded_layout_tokens"], E_shared_prompt_positions=shared_E)
-    log(f"E: {E['input_ids'].shape[0]} rows, {st_E['real_tokens']} real tokens, packed {st_E['computed_tokens']} positions, "
-        f"{shared_E} with shared prompts, vs {st_E['padded_layout_tokens']} in the padded layout")
+    log(f"E: {E['input_ids'].shape[0]} rows, {st_E['real_tokens']} real tokens, packed {st_E['computed_tokens']} "
+        f"positions, {shared_E} with shared prompts, vs {st_E['padded_layout_tokens']} in the padded layout")
     E_all, N_all = E, E["input_ids"].shape[0]      # a sampled E already has only n_E rows
     if n_E < N_all:   # stages on a random subset of E's rows (the layout, hence the straightforward width, stays)
         E = subset(E, torch.randperm(N_all, generator=torch.Generator().manual_seed(args.seed + 5))[:n_E]

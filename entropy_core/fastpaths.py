@@ -28,11 +28,11 @@ vary (prompts of 20-120 tokens, responses of 5-150). Here:
 5. Shared prompts (`prompt_sharing`, `plan_shared_prompts`): rows whose prompts are the same (the G
    responses of a U group; E's prompts, drawn with replacement) or begin the same (every prompt of a
    template: 83 SmolLM2 tokens of gsm8k_r1_template precede the question) need those tokens computed
-   once. Scoring passes run the prompt tokens all rows begin with (the root) once, each distinct
-   prompt's remaining tokens once, and the responses attending to both through the keys/values cache
-   (`scoring.shared_prompt_passes`); the update pass runs each distinct prompt once per microbatch
-   (`scoring.shared_prompt_logprobs`, no root). Same values up to summation order: causal attention
-   from a response token sees exactly the same keys at the same positions.
+   once. Scoring passes and the JVPs run the prompt tokens all rows begin with (the root) once, each
+   distinct prompt's remaining tokens once (`plan_shared_passes`), and the responses attending to both
+   through the keys/values cache (`scoring.shared_prompt_passes`); the update pass runs each distinct
+   prompt once per microbatch (`scoring.shared_prompt_logprobs`, no root). Same values up to summation
+   order: causal attention from a response token sees exactly the same keys at the same positions.
 
 Apart from the CUDA memory query, everything here is index arithmetic on CPU tensors; `scoring` and
 `update` call the model.

@@ -13,9 +13,9 @@ kernel with forward-mode AD on every device (DESIGN §2.8).
 
 Where the work goes (`fastpaths`): rows are bucketed by length and each microbatch is packed to its
 own real span, so padding is not computed. When rows share prompt tokens (a template's beginning,
-repeated prompts), `score_tokens` computes them once (`shared_prompt_passes`). The vocabulary projection and the float64 log-softmax run
-on scored positions only, a chunk of positions at a time (`scored_token_logprobs`), so no (n, L, V)
-tensor exists, float64 or not. float64 passes without gradients run each LoRA Linear as one matmul
+repeated prompts), `score_tokens` and `jvp_scores` compute them once (`shared_prompt_passes`). The
+vocabulary projection and the float64 log-softmax run on scored positions only, a chunk of positions
+at a time (`scored_token_logprobs`), so no (n, L, V) tensor exists, float64 or not. float64 passes without gradients run each LoRA Linear as one matmul
 with W + s·B·A (`merged_lora_linears`). Results equal the plain padded, one-sequence-at-a-time computation
 up to summation order (tests/test_fastpaths.py: ≤ 2e-14 relative in float64, ≤ 6e-7 in float32).
 """
@@ -264,13 +264,12 @@ def shared_prompt_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, resp
                            sharing: PromptSharing, pieces: list[torch.Tensor], *,
                            params: Mapping[str, torch.Tensor] | None = None, temperature: float = 1.0,
                            entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`scored_token_logprobs` of the rows of `pieces` (each: rows holding one prompt), each prompt token
-    computed once (`fastpaths.prompt_sharing`): the root (the tokens all prompts begin with) for one row,
-    then each prompt's own Q = P − root tokens after it, then each row's response after its prompt,
-    every level attending to the levels before it through the keys/values cache. The last hidden state
-    of a prompt predicts its rows' first response token. Plain-head models only (`_split_route`);
-    differentiable in `params`: the update pass runs it per microbatch (scoring and the JVPs use the
-    faster `shared_prompt_passes`).
+    """`scored_token_logprobs` of the rows of `pieces` (each: rows holding one prompt), each piece's prompt
+    computed once and its keys/values repeated for the piece's rows, whose responses attend to them
+    through the cache; the prompt's last hidden state predicts its rows' first response token. Whole
+    prompts: `sharing.root` is not split off, so a row's values do not depend on the other rows' prompts.
+    Plain-head models only (`_split_route`); differentiable in `params` (the update pass runs it per
+    microbatch; scoring and the JVPs use `shared_prompt_passes`).
 
     Args: input_ids, response_mask (N, L) of the whole batch; sharing: its `prompt_sharing`.
     Returns: S, H (M,) float64 for the scored tokens of rows = cat(pieces), row by row, left to right.
@@ -278,31 +277,25 @@ def shared_prompt_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, resp
     decoder, head, d_over, h_over = _split_route(model, params)
     device = next(model.parameters()).device
     ids, rm = input_ids.cpu(), response_mask.cpu()
-    start, first, P, R, C = sharing.start, sharing.first, sharing.P, sharing.R, sharing.root
+    start, first, P, R = sharing.start, sharing.first, sharing.P, sharing.R
     rows, heads = torch.cat(pieces), torch.stack([c[0] for c in pieces])             # (n,), (k,)
     owner = torch.arange(len(pieces)).repeat_interleave(torch.tensor([len(c) for c in pieces]))   # (n,) piece
-    Q = P[heads] - C                                                                 # (k,) ≥ 1
-    q_mask = (torch.arange(int(Q.max()))[None] < Q[:, None]).long()                  # (k, Q_max)
-    q_ids = span_columns(ids[heads], start[heads] + C, Q)                            # (k, Q_max)
+    Pk = P[heads]                                                                    # (k,) prompt tokens
+    p_mask = (torch.arange(int(Pk.max()))[None] < Pk[:, None]).long()                # (k, P_max)
+    p_ids = span_columns(ids[heads], start[heads], Pk)                               # (k, P_max)
     r_mask = (torch.arange(int(R[rows].max()))[None] < R[rows][:, None]).long()      # (n, R_max)
     r_ids, r_scored = span_columns(ids[rows], first[rows], R[rows]), span_columns(rm[rows], first[rows], R[rows])
 
     def dev(*ts):
         return [t.to(device) for t in ts]
-    if C:                                                                            # the root, one row
-        cache = shared_prompt_root(model, ids, sharing, params=params)
-        cache.batch_select_indices(torch.zeros(len(heads), dtype=torch.long, device=device))   # 1 -> k rows
-    else:
-        cache = DynamicCache(config=decoder.config)
-    ones = torch.ones(len(heads), C, dtype=torch.long)
-    h_q = _cache_call(decoder, d_over, *dev(q_ids, torch.cat([ones, q_mask], 1),
-                                            (C + torch.arange(q_mask.shape[1]))[None].expand(len(heads), -1)),
-                      cache)                                                         # (k, Q_max, d)
+    cache = DynamicCache(config=decoder.config)
+    pos = torch.arange(p_mask.shape[1])[None].expand(len(heads), -1)               # (k, P_max)
+    h_p = _cache_call(decoder, d_over, *dev(p_ids, p_mask, pos), cache)              # (k, P_max, d)
     cache.batch_select_indices(owner.to(device))                                     # k -> n rows
-    h_r = _cache_call(decoder, d_over, *dev(r_ids, torch.cat([ones[owner], q_mask[owner], r_mask], 1),
-                                            (P[heads][owner])[:, None] + torch.arange(r_mask.shape[1])[None]),
+    h_r = _cache_call(decoder, d_over, *dev(r_ids, torch.cat([p_mask[owner], r_mask], 1),
+                                            Pk[owner][:, None] + torch.arange(r_mask.shape[1])[None]),
                       cache)                                                         # (n, R_max, d)
-    h_last = h_q[owner.to(device), (Q[owner] - 1).to(device)]                        # (n, d)
+    h_last = h_p[owner.to(device), (Pk[owner] - 1).to(device)]                       # (n, d)
     h_pred = torch.cat([h_last[:, None], h_r[:, :-1]], 1)               # position j predicts response token j
     m = r_scored.bool().to(device)
     return chunked_logprobs_entropy(h_pred[m], r_ids.to(device)[m], temperature, entropy=entropy, head=head,

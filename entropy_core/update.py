@@ -11,8 +11,9 @@ All arithmetic after the backward pass is float64.
 
 The gradient pass is length-bucketed and packed like scoring (`fastpaths`), or, when the rows of each
 prompt group hold the same prompt, runs every prompt once and shares its keys/values with the group's
-responses (`fastpaths.prompt_sharing`, `scoring.shared_prompt_logprobs`); its float64 log-softmax is checkpointed per chunk of positions
-(`scoring.chunked_logprobs_entropy`), so the backward keeps model-dtype logits of scored positions only.
+responses (`fastpaths.prompt_sharing`, `scoring.shared_prompt_logprobs`); its float64 log-softmax is
+checkpointed per chunk of positions (`scoring.chunked_logprobs_entropy`), so the backward keeps
+model-dtype logits of scored positions only.
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def accumulate_gradient(model, params: Mapping[str, torch.nn.Parameter], batch: 
     g_i = {n: torch.zeros((N, *p.shape), dtype=torch.float64, device=device) for n, p in params.items()} \
         if per_sequence else None
     sharing = prompt_sharing(*cols, max_root=0) if share_prompts and not per_sequence and _split_route(model, None) \
-        else None   # whole prompts only: a row's gradient then does not depend on the other rows (shards)
+        else None   # whole prompts (shared_prompt_logprobs): a row's gradient does not depend on other rows
     sharing = sharing if worth_sharing(sharing, cols[1]) else None   # else length-bucketed, packed rows
     plan = plan_forwards(model, cols[1], 1 if per_sequence else microbatch_size, token_budget, mode="grad",
                          sharing=sharing)
