@@ -15,9 +15,10 @@ Where the work goes (`fastpaths`): rows are bucketed by length and each microbat
 own real span, so padding is not computed. When rows share prompt tokens (a template's beginning,
 repeated prompts), `score_tokens` and `jvp_scores` compute them once (`shared_prompt_passes`). The
 vocabulary projection and the float64 log-softmax run on scored positions only, a chunk of positions
-at a time (`scored_token_logprobs`), so no (n, L, V) tensor exists, float64 or not. float64 passes without gradients run each LoRA Linear as one matmul
-with W + s·B·A (`merged_lora_linears`). Results equal the plain padded, one-sequence-at-a-time computation
-up to summation order (tests/test_fastpaths.py: ≤ 2e-14 relative in float64, ≤ 6e-7 in float32).
+at a time (`scored_token_logprobs`), so no (n, L, V) tensor exists, float64 or not. float64 passes
+without gradients run each LoRA Linear as one matmul with W + s·B·A (`merged_lora_linears`). Results
+equal the plain padded, one-sequence-at-a-time computation up to summation order
+(tests/test_fastpaths.py, tests/test_sharing.py: ≤ 2e-14 relative in float64, ≤ 6e-7 in float32).
 """
 from __future__ import annotations
 
