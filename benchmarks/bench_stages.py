@@ -105,7 +105,7 @@ FLOP_MULT = {"forward": 1, "score": 1, "grad": 2, "jvp": 2, "jvp2": 4}
 ETA = 1e-3                            # one η pass; the value does not change the cost
 N_ETA = 5                             # η passes in the whole-measurement total (issue 6: 5 η)
 SHARED_NOTE = ("prompt tokens shared by rows run once (fastpaths.prompt_sharing); tokens and FLOPs are counted per "
-               "row, prompt included, as for the packed path; 'computed' counts the positions really run")
+               "row, prompt included, as for the packed path; computed_tokens counts the positions really run")
 
 
 def log(msg: str) -> None:
@@ -417,11 +417,12 @@ def tf_counts(batch, model=None, mb=None, budget=None, mode=None) -> dict:
 
 
 def computed(model, batch, mb, budget, mode: str) -> int:
-    """Positions the fast path computes: with shared prompts (scoring passes, the update pass) the root, each
-    prompt's own tokens and the responses, each padded to its microbatch's width; else the packed rows."""
+    """Positions the fast path computes: with shared prompts (scoring passes and JVPs; the update pass) the
+    root, each prompt's own tokens and the responses, each padded to its microbatch's width; else the
+    packed rows."""
     ids, am, rm = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-    if mode == "score" and (sharing := scoring_sharing(model, ids, am, rm)) is not None:
-        max_rows, b = microbatch_limits(model, am, mb, budget, "score")
+    if mode in ("score", "jvp", "jvp2") and (sharing := scoring_sharing(model, ids, am, rm)) is not None:
+        max_rows, b = microbatch_limits(model, am, mb, budget, mode)
         return sharing.root + sum(m.tokens for p in plan_shared_passes(sharing, max_rows=max_rows, token_budget=b)
                                   for m in p)
     if mode == "grad" and worth_sharing(sharing := prompt_sharing(ids, am, rm), am):
@@ -628,7 +629,8 @@ def main(argv=None) -> int:
                           kind="score", scale=sE, **cE, repeats=args.repeats, note=SHARED_NOTE)
     if "jvp" in stages or "report" in stages:
         js = bench.run("jvp_exact_slope", lambda: jvp_scores(model, Eids, Eam, Erm, v, order=1, **kw), kind="jvp",
-                       scale=sE, **tf_counts(E, model, mb, args.token_budget, "jvp"), repeats=args.repeats)
+                       scale=sE, **tf_counts(E, model, mb, args.token_budget, "jvp"), repeats=args.repeats,
+                       note=SHARED_NOTE)
     # -- straightforward vs fast on the same rows -------------------------------------------------------
     comparison = bench.comparison
     if "straightforward" in stages:
@@ -658,8 +660,7 @@ def main(argv=None) -> int:
                                    note="one sequence at a time, full width",
                                    **{k: c_slow[k] for k in ("seqs", "computed", "real", "scored")})
                 r_fast = bench.run(f"fast_{name}", fast, kind="score" if kind == "forward" else kind,
-                                   note="same rows, fast path" + (f"; {SHARED_NOTE}" if name != "jvp" else
-                                                                  "; bucketed + packed"),
+                                   note=f"same rows, fast path; {SHARED_NOTE}",
                                    **c_fast)
                 if r_slow is None or r_fast is None:
                     break
@@ -687,7 +688,8 @@ def main(argv=None) -> int:
     # the curvature last: the most expensive stage, so a time budget cuts it rather than the comparison
     if "jvp2" in stages:
         js2 = bench.run("jvp2_curvature", lambda: jvp_scores(model, Eids, Eam, Erm, v, order=2, **kw),
-                        kind="jvp2", scale=sE, **tf_counts(E, model, mb, args.token_budget, "jvp"), repeats=args.repeats)
+                        kind="jvp2", scale=sE, **tf_counts(E, model, mb, args.token_budget, "jvp2"),
+                        repeats=args.repeats, note=SHARED_NOTE)
     if "report" in stages and theta is not None and eta_s is not None and js is not None:
         def report():
             base_st, sh = theta.per_sequence(), eta_s.per_sequence()
