@@ -57,9 +57,13 @@ def drgrpo_loss(model: torch.nn.Module, input_ids, attention_mask, response_mask
     S_tok, _ = scored_token_logprobs(model, input_ids, attention_mask, response_mask, temperature=temperature,
                                      entropy=False)                               # (M,) row-major
     T = response_mask.bool().sum(-1)                                                # (n,)
-    row = torch.arange(len(T), device=T.device).repeat_interleave(T)               # (M,) row of each token
-    S = torch.zeros(len(T), dtype=torch.float64, device=S_tok.device).index_add(0, row, S_tok)   # (n,) S_i
-    return _weighted_sum(S, coef, torch.arange(len(T)))
+    return _weighted_sum(_row_sums(S_tok, T), coef, torch.arange(len(T)))
+
+
+def _row_sums(S_tok: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """S_i = Σ_k S_{i,k}: (M,) per-token values, row by row, with T (n,) tokens per row -> (n,) float64."""
+    row = torch.arange(len(T), device=S_tok.device).repeat_interleave(T.to(S_tok.device))   # (M,) row of each token
+    return torch.zeros(len(T), dtype=torch.float64, device=S_tok.device).index_add(0, row, S_tok)
 
 
 def _weighted_sum(S: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -111,9 +115,7 @@ def accumulate_gradient(model, params: Mapping[str, torch.nn.Parameter], batch: 
             rows = torch.cat(mb)
             S_tok, _ = shared_prompt_logprobs(model, cols[0], cols[2], sharing, mb, temperature=temperature,
                                               entropy=False)                           # (M,) row by row
-            T = cols[2][rows].bool().sum(-1)
-            S = torch.zeros(len(rows), dtype=torch.float64, device=S_tok.device).index_add(
-                0, torch.arange(len(rows), device=S_tok.device).repeat_interleave(T.to(S_tok.device)), S_tok)
+            S = _row_sums(S_tok, cols[2][rows].bool().sum(-1))
             loss = _weighted_sum(S, coef[rows], rows)
         else:
             loss = drgrpo_loss(model, *(t.to(device) for t in mb.pack(*cols)), coef[mb.rows],
